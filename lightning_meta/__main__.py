@@ -1,0 +1,3 @@
+from lightning_meta.cli import main
+
+main()

@@ -1,0 +1,11 @@
+"""Meta-learning algorithms, one LightningModule each, all on the `MetaLearner` base.
+
+Usable on their own in any Lightning project whose DataModule yields `TaskBatch`es:
+`from lightning_meta.algorithms import MAML`.
+"""
+
+from lightning_meta.algorithms.base import MetaLearner, TaskOutput, mean_and_ci95, supervised_loss
+from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.protonet import ProtoNet
+
+__all__ = ["MAML", "MetaLearner", "ProtoNet", "TaskOutput", "mean_and_ci95", "supervised_loss"]

@@ -1,0 +1,21 @@
+"""Task sources, episodic samplers and the task-batch DataModules."""
+
+from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, TensorClasses
+from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, TaskStream, task_rng
+from lightning_meta.data.sinusoid import SinusoidTasks
+
+__all__ = [
+    "ClassDataset",
+    "EpisodicDataModule",
+    "FewShotTasks",
+    "FixedTaskSampler",
+    "MetaBatchSampler",
+    "OmniglotDataModule",
+    "SinusoidDataModule",
+    "SinusoidTasks",
+    "TaskSource",
+    "TaskStream",
+    "TensorClasses",
+    "task_rng",
+]

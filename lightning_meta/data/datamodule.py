@@ -1,0 +1,250 @@
+"""Task-batch DataModules: each step yields one `TaskBatch` of `tasks_per_batch` tasks per rank.
+
+`EpisodicDataModule` owns the sampling protocol (seeded task streams, DDP shares, fixed
+evaluation tasks, loaders); a subclass only says where its tasks come from, by building one
+`TaskSource` per split. Subclasses list the shared arguments again on purpose: the typed
+signature is the YAML schema and the `--help`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from lightning_meta.data.base import FewShotTasks, TaskSource
+from lightning_meta.data.omniglot import omniglot_splits
+from lightning_meta.data.sampler import TEST, TRAIN, VAL, FixedTaskSampler, MetaBatchSampler, TaskStream
+from lightning_meta.data.sinusoid import SinusoidTasks
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"data.{key}={value} must be a positive integer")
+
+
+class EpisodicDataModule(pl.LightningDataModule):
+    """Base of the task-batch DataModules.
+
+    Args:
+        tasks_per_batch: tasks per training step on each rank (the meta-batch is this times
+            the number of processes).
+        batches_per_epoch: training steps per epoch (tasks are drawn fresh forever; an epoch
+            only sets how often validation and checkpointing happen).
+        val_tasks: number of fixed validation tasks.
+        test_tasks: number of fixed test tasks.
+        eval_tasks_per_batch: tasks per evaluation step (default: `tasks_per_batch`).
+        seed: seed of the training task stream.
+        eval_seed: seed of the fixed validation and test tasks; kept apart from `seed` so runs
+            with different training seeds are scored on the same tasks.
+        num_workers: data-loader worker processes (0 samples in the training process).
+    """
+
+    def __init__(
+        self,
+        tasks_per_batch: int = 32,
+        batches_per_epoch: int = 100,
+        val_tasks: int = 100,
+        test_tasks: int = 600,
+        eval_tasks_per_batch: int | None = None,
+        seed: int = 0,
+        eval_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        eval_tasks_per_batch = eval_tasks_per_batch or tasks_per_batch
+        _check_positive(
+            tasks_per_batch=tasks_per_batch,
+            batches_per_epoch=batches_per_epoch,
+            val_tasks=val_tasks,
+            test_tasks=test_tasks,
+            eval_tasks_per_batch=eval_tasks_per_batch,
+        )
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        self.tasks_per_batch, self.batches_per_epoch = tasks_per_batch, batches_per_epoch
+        self.val_tasks, self.test_tasks, self.eval_tasks_per_batch = val_tasks, test_tasks, eval_tasks_per_batch
+        self.seed, self.eval_seed, self.num_workers = seed, eval_seed, num_workers
+        self.sources: dict[str, TaskSource] = {}
+
+    @abstractmethod
+    def build_sources(self) -> dict[str, TaskSource]:
+        """One task source per split: keys "train", "val", "test"."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.sources:
+            self.sources = self.build_sources()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, split: str, stream: int, sampler: MetaBatchSampler | FixedTaskSampler) -> DataLoader:
+        self.setup()
+        trainer = self.trainer
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            TaskStream(self.sources[split], self.eval_seed if stream != TRAIN else self.seed, stream),
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=on_gpu,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._rank()
+        sampler = MetaBatchSampler(self.tasks_per_batch, self.batches_per_epoch, world, rank)
+        return self._loader("train", TRAIN, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self._rank()
+        return self._loader("val", VAL, FixedTaskSampler(self.val_tasks, self.eval_tasks_per_batch, world, rank))
+
+    def test_dataloader(self) -> DataLoader:
+        world, rank = self._rank()
+        return self._loader("test", TEST, FixedTaskSampler(self.test_tasks, self.eval_tasks_per_batch, world, rank))
+
+
+class SinusoidDataModule(EpisodicDataModule):
+    """Sinusoid regression tasks of MAML §5.1: y = A·sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π],
+    x ~ U[-5, 5]. The same family serves train, validation and test (disjoint seeded streams).
+
+    Args:
+        shots: support points per task (K).
+        query_shots: query points per task.
+        amplitude: range of the amplitude A.
+        phase: range of the phase φ.
+        x_range: range of the inputs x.
+        tasks_per_batch: see `EpisodicDataModule`.
+        batches_per_epoch: see `EpisodicDataModule`.
+        val_tasks: see `EpisodicDataModule`.
+        test_tasks: see `EpisodicDataModule`.
+        eval_tasks_per_batch: see `EpisodicDataModule`.
+        seed: see `EpisodicDataModule`.
+        eval_seed: see `EpisodicDataModule`.
+        num_workers: see `EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        shots: int = 10,
+        query_shots: int = 10,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        tasks_per_batch: int = 25,
+        batches_per_epoch: int = 100,
+        val_tasks: int = 100,
+        test_tasks: int = 600,
+        eval_tasks_per_batch: int | None = 100,
+        seed: int = 0,
+        eval_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            tasks_per_batch,
+            batches_per_epoch,
+            val_tasks,
+            test_tasks,
+            eval_tasks_per_batch,
+            seed,
+            eval_seed,
+            num_workers,
+        )
+        _check_positive(shots=shots, query_shots=query_shots)
+        self.family = SinusoidTasks(shots, query_shots, amplitude, phase, x_range)
+
+    def build_sources(self) -> dict[str, TaskSource]:
+        return {"train": self.family, "val": self.family, "test": self.family}
+
+
+class OmniglotDataModule(EpisodicDataModule):
+    """N-way K-shot Omniglot tasks (Lake et al. 2015) at 28×28, each 90° rotation a new class.
+
+    Splits are the Vinyals et al. (2016) character split when its files are under
+    `<root>/omniglot/splits/vinyals/`, else a seeded 1200/423 character split.
+
+    Args:
+        root: folder holding `omniglot/` (default: `$LIGHTNING_META_DATA`, else `./data`).
+        ways: classes per validation/test task (N), and per training task unless `train_ways`.
+        shots: support examples per class (K).
+        query_shots: query examples per class in training tasks.
+        eval_query_shots: query examples per class in validation and test tasks (default:
+            `query_shots`); more queries give a tighter confidence interval.
+        train_ways: classes per training task when it differs from `ways` (Prototypical
+            Networks train on 60-way episodes and test 5-way).
+        train_split: "train" (validate on "val") or "trainval" (train on both, as for final
+            test numbers).
+        download: fetch the official archives (with checksums) when they are missing.
+        cache_dir: where the decoded tensor is cached (default: `$LIGHTNING_META_CACHE`, else
+            `~/.cache/lightning_meta`).
+        tasks_per_batch: see `EpisodicDataModule`.
+        batches_per_epoch: see `EpisodicDataModule`.
+        val_tasks: see `EpisodicDataModule`.
+        test_tasks: see `EpisodicDataModule`.
+        eval_tasks_per_batch: see `EpisodicDataModule`.
+        seed: see `EpisodicDataModule`.
+        eval_seed: see `EpisodicDataModule`.
+        num_workers: see `EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        ways: int = 5,
+        shots: int = 1,
+        query_shots: int = 15,
+        eval_query_shots: int | None = None,
+        train_ways: int | None = None,
+        train_split: str = "train",
+        download: bool = False,
+        cache_dir: str | None = None,
+        tasks_per_batch: int = 32,
+        batches_per_epoch: int = 100,
+        val_tasks: int = 100,
+        test_tasks: int = 600,
+        eval_tasks_per_batch: int | None = None,
+        seed: int = 0,
+        eval_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            tasks_per_batch,
+            batches_per_epoch,
+            val_tasks,
+            test_tasks,
+            eval_tasks_per_batch,
+            seed,
+            eval_seed,
+            num_workers,
+        )
+        eval_query_shots = eval_query_shots or query_shots
+        _check_positive(
+            ways=ways,
+            shots=shots,
+            query_shots=query_shots,
+            eval_query_shots=eval_query_shots,
+            train_ways=train_ways or ways,
+        )
+        self.root, self.download, self.cache_dir, self.train_split = root, download, cache_dir, train_split
+        self.ways, self.shots, self.train_ways = ways, shots, train_ways or ways
+        self.query_shots, self.eval_query_shots = query_shots, eval_query_shots
+
+    def build_sources(self) -> dict[str, TaskSource]:
+        splits = omniglot_splits(
+            root=self.root, cache_dir=self.cache_dir, download=self.download, train_split=self.train_split
+        )
+        return {
+            split: FewShotTasks(
+                splits[split],
+                self.train_ways if split == "train" else self.ways,
+                self.shots,
+                self.query_shots if split == "train" else self.eval_query_shots,
+                name=f"omniglot {split} split",
+            )
+            for split in ("train", "val", "test")
+        }

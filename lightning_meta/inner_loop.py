@@ -1,0 +1,105 @@
+"""The functional inner loop shared by every gradient-based meta-learner.
+
+Adaptation is plain gradient descent on a parameter dict, never on the module itself: the
+module's parameters stay the meta-parameters θ0, and the adapted parameters θ1..θK are new
+tensors whose graph back to θ0 is kept (second order, MAML, Finn et al. 2017) or cut
+(`first_order=True`, FOMAML). The same function serves MAML (a float step size), Meta-SGD (a
+dict of learned per-parameter tensors, Li et al. 2017) and MAML++ (one step size per step,
+Antoniou et al. 2019), and returns the whole trajectory so multi-step losses need no second
+code path. Nothing here calls `.backward()`, mutates a module or touches global state, so a
+per-task call is pure in (params, task) and can later be vmapped over the tasks of a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_meta.task import Params
+
+StepSize = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+"""A scalar for every parameter, or one entry per adapted parameter name."""
+
+StepSizes = Union[StepSize, Sequence[StepSize]]
+"""One `StepSize` for all steps, or a sequence with one per step."""
+
+
+def named_params(module: nn.Module, names: Sequence[str] | None = None) -> Params:
+    """The module's trainable parameters (or just `names`) as a dict, graph to the module kept."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if names is None:
+        return params
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"no trainable parameters named {missing}; the module has {sorted(params)}")
+    return {n: params[n] for n in names}
+
+
+def forward(module: nn.Module, params: Params, x: Tensor) -> Tensor:
+    """Run `module` on `x` with `params` in place of its own (others, e.g. buffers, unchanged)."""
+    return functional_call(module, params, (x,), strict=False)
+
+
+def _step_size_for(step_size: StepSizes, step: int, steps: int) -> StepSize:
+    if isinstance(step_size, Sequence):
+        if len(step_size) != steps:
+            raise ValueError(f"got {len(step_size)} per-step step sizes for {steps} inner steps")
+        return step_size[step]
+    return step_size
+
+
+def sgd_step(params: Params, grads: Params, step_size: StepSize) -> Params:
+    """θ - α ⊙ g, with α a scalar or a per-name entry (missing names are not updated)."""
+    if isinstance(step_size, Mapping):
+        return {n: p - step_size[n] * grads[n] if n in step_size else p for n, p in params.items()}
+    return {n: p - step_size * grads[n] for n, p in params.items()}
+
+
+def adapt(
+    loss_fn: Callable[[Params], Tensor],
+    params: Params,
+    steps: int,
+    step_size: StepSizes,
+    first_order: bool = False,
+) -> list[Params]:
+    """Adapt `params` by `steps` steps of gradient descent on `loss_fn`; return θ0..θK.
+
+    Args:
+        loss_fn: the support loss as a function of the parameters being adapted.
+        params: θ0, the parameters to adapt (typically the module's own, graph attached).
+        steps: number of inner steps K (0 returns `[params]`).
+        step_size: α, a float or tensor, a dict of per-parameter tensors (Meta-SGD), or a
+            sequence with one of those per step (MAML++).
+        first_order: do not differentiate through the inner gradients (`create_graph=False`):
+            the first-order approximation (FOMAML). Nothing else changes; use it also when no
+            outer backward follows (evaluation), where it gives the same θK for less memory.
+
+    Returns:
+        The trajectory `[θ0, θ1, ..., θK]`; θ0 is `params` itself.
+    """
+    if steps < 0:
+        raise ValueError(f"inner steps={steps} must be >= 0")
+    trajectory = [params]
+    # Under torch.no_grad (e.g. a caller's evaluation loop) the inner loop would silently not
+    # adapt; gradients are always needed here, the outer graph only when the caller has one.
+    with torch.enable_grad():
+        for step in range(steps):
+            current = trajectory[-1]
+            # A θ0 outside any graph (e.g. detached by the caller) still needs inner gradients.
+            inputs = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in current.items()}
+            loss = loss_fn(inputs)
+            grads = torch.autograd.grad(
+                loss,
+                list(inputs.values()),
+                create_graph=not first_order,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            trajectory.append(
+                sgd_step(current, dict(zip(inputs, grads, strict=True)), _step_size_for(step_size, step, steps))
+            )
+    return trajectory

@@ -1,0 +1,45 @@
+"""Test tiers and shared fixtures.
+
+Tiers, by pytest marker:
+
+- (no marker): fast unit and contract tests; run by `make test` and CI.
+- `slow`: end-to-end runs through the real CLI or real data, seconds to a minute each; also run
+  by `make test` and CI (deselect with `-m "not slow"` while iterating).
+- `distributed`: several processes (DDP over gloo on CPU), started as subprocesses with a
+  timeout; run by `make test` and CI.
+- `gpu`: needs a CUDA device; skipped, with the reason printed, where none is present.
+
+Real datasets are read from `LIGHTNING_META_DATA` (default: `../shared/data` beside the repo);
+decoded caches go to `LIGHTNING_META_CACHE` (default: `.cache/tests` in the repo, ignored by git).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("LIGHTNING_META_DATA", str((REPO.parent / "shared" / "data").resolve()))
+os.environ.setdefault("LIGHTNING_META_CACHE", str(REPO / ".cache" / "tests"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The folder holding `omniglot/`; tests that need it fail (not skip) when it is absent."""
+    root = Path(os.environ["LIGHTNING_META_DATA"])
+    assert (root / "omniglot").is_dir(), f"real data not found under {root}: set LIGHTNING_META_DATA"
+    return root

@@ -1,0 +1,65 @@
+"""Run one meta-training step and save the (DDP-averaged) meta-gradient: `tests/test_ddp.py`
+launches this as a subprocess, since Lightning's `ddp` re-executes `sys.argv` (a pytest
+session must never be re-executed; shared/STACK.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_meta.algorithms import MAML, ProtoNet
+from lightning_meta.models import Conv4
+from tests.helpers import SyntheticClassesDataModule
+
+
+class SaveGradients(pl.Callback):
+    """After backward (so after DDP's all-reduce), before the optimizer step: save every gradient."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_rank == 0:
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            torch.save({"grads": grads, "world_size": trainer.world_size}, self.path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--algorithm", choices=["maml", "protonet"], required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--tasks-per-batch", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    if args.algorithm == "maml":
+        model = MAML(Conv4(hidden_channels=8, out_features=3), inner_lr=0.4, inner_steps=2)
+    else:
+        model = ProtoNet(Conv4(hidden_channels=8))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        precision="64-true",
+        max_steps=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        callbacks=[SaveGradients(args.out)],
+    )
+    trainer.fit(model, datamodule=SyntheticClassesDataModule(tasks_per_batch=args.tasks_per_batch))
+
+
+if __name__ == "__main__":
+    main()

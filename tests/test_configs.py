@@ -1,0 +1,72 @@
+"""Every YAML under configs/ parses and builds; the CLI links ways to the head and rejects mismatches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_meta.algorithms import MAML, ProtoNet
+from lightning_meta.cli import run_cli
+from lightning_meta.data import OmniglotDataModule, SinusoidDataModule
+from lightning_meta.models import Conv4
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+NO_LOGGER = ["--trainer.logger=false"]
+
+
+def build(*args: str):
+    return run_cli([*args, *NO_LOGGER], run=False)
+
+
+def test_there_are_configs_for_every_benchmark_of_the_spine():
+    names = {str(p.relative_to(REPO / "configs")) for p in CONFIGS}
+    expected = {"sinusoid/maml.yaml"} | {
+        f"omniglot_{b}/{a}.yaml" for b in ("5w1s", "5w5s", "20w1s") for a in ("maml", "fomaml", "protonet")
+    }
+    assert expected <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_config_parses_and_builds(config):
+    header = config.read_text().splitlines()[0]
+    assert header.startswith("# "), f"{config} needs a header comment saying what it reproduces"
+    cli = build("--config", str(config))
+    assert cli.trainer.max_steps > 0
+    assert cli.trainer.test_loop.inference_mode is False  # the CLI default: evaluation adapts with gradients
+    # The model runs on a batch of the right shape (Omniglot data is not loaded to build it).
+    if isinstance(cli.datamodule, OmniglotDataModule):
+        ways = cli.datamodule.ways
+        x = torch.zeros(2 * ways, 1, 28, 28)
+        out = cli.model.backbone(x)
+        assert out.shape == ((2 * ways, ways) if isinstance(cli.model, MAML) else (2 * ways, 64))
+    else:
+        assert isinstance(cli.datamodule, SinusoidDataModule)
+
+
+def test_ways_are_linked_to_the_head_of_maml():
+    cli = build("--config", str(REPO / "configs/omniglot_5w1s/maml.yaml"), "--data.init_args.ways=7")
+    assert isinstance(cli.model.backbone, Conv4) and cli.model.backbone.head.out_features == 7
+
+
+def test_protonet_keeps_an_embedding_whatever_the_ways():
+    cli = build("--config", str(REPO / "configs/omniglot_5w1s/protonet.yaml"), "--data.ways=20")
+    assert isinstance(cli.model, ProtoNet) and cli.model.backbone.head is None
+    assert cli.datamodule.ways == 20  # `--data.ways` is short for `--data.init_args.ways`
+
+
+def test_a_head_size_that_contradicts_the_ways_is_refused():
+    with pytest.raises(ValueError, match=r"out_features=3 but data.init_args.ways=5"):
+        build(
+            "--config",
+            str(REPO / "configs/omniglot_5w1s/maml.yaml"),
+            "--model.init_args.backbone.init_args.out_features=3",
+        )
+
+
+def test_unknown_config_key_is_rejected_naming_the_key(capsys):
+    with pytest.raises(SystemExit):
+        build("--config", str(REPO / "configs/sinusoid/maml.yaml"), "--model.init_args.inner_lrr=0.1")
+    assert "inner_lrr" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""A contract every exported algorithm keeps: finite loss, a gradient for every trainable
+parameter, predictions that survive a checkpoint round-trip, and a short fit through the real CLI.
+
+A new algorithm joins by adding one entry to SETUPS and one to CLI_CONFIGS: the first test
+fails until it does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import lightning_meta.algorithms as algorithms
+from lightning_meta.algorithms import MAML, MetaLearner, ProtoNet
+from lightning_meta.cli import run_cli
+from lightning_meta.data import SinusoidDataModule
+from lightning_meta.models import MLP, Conv4
+from tests.helpers import SyntheticClassesDataModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+SETUPS = {
+    "MAML": lambda: (
+        MAML(Conv4(hidden_channels=8, out_features=3), inner_lr=0.4, inner_steps=2),
+        SyntheticClassesDataModule(),
+    ),
+    "MAML-first-order": lambda: (
+        MAML(Conv4(hidden_channels=8, out_features=3), inner_steps=2, first_order=True),
+        SyntheticClassesDataModule(),
+    ),
+    "MAML-sinusoid": lambda: (MAML(MLP(), inner_lr=0.01), SinusoidDataModule(tasks_per_batch=4)),
+    "ProtoNet": lambda: (ProtoNet(Conv4(hidden_channels=8)), SyntheticClassesDataModule()),
+}
+
+CLI_CONFIGS = {
+    "MAML": ["--config", "configs/sinusoid/maml.yaml", "--data.tasks_per_batch=4"],
+    "ProtoNet": [
+        "--config",
+        "configs/omniglot_5w1s/protonet.yaml",
+        "--data.train_ways=5",
+        "--data.query_shots=2",
+        "--data.eval_query_shots=2",
+        "--model.backbone.init_args.hidden_channels=8",
+    ],
+}
+
+
+def exported_algorithms() -> list[type]:
+    return [
+        obj
+        for name in algorithms.__all__
+        if inspect.isclass(obj := getattr(algorithms, name)) and issubclass(obj, MetaLearner) and obj is not MetaLearner
+    ]
+
+
+def test_every_exported_algorithm_is_covered():
+    names = {cls.__name__ for cls in exported_algorithms()}
+    assert names, "no algorithms exported"
+    assert names <= set(SETUPS), f"add {names - set(SETUPS)} to SETUPS"
+    assert names <= set(CLI_CONFIGS), f"add {names - set(CLI_CONFIGS)} to CLI_CONFIGS"
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_finite_loss_and_a_gradient_for_every_trainable_parameter(name):
+    torch.manual_seed(0)
+    model, dm = SETUPS[name]()
+    batch = next(iter(dm.train_dataloader()))
+    loss, stats = model.meta_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert stats["loss"].shape == (len(batch),)
+    loss.backward()
+    for param_name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name}: {param_name} got no gradient"
+            assert torch.isfinite(param.grad).all(), f"{name}: {param_name} has a non-finite gradient"
+    assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
+
+
+def eval_predictions(model: MetaLearner, batch) -> list[torch.Tensor]:
+    model.eval()
+    return [out.predictions.detach() for out in model(batch)]
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_checkpoint_round_trip_gives_the_same_predictions(name, tmp_path):
+    pl.seed_everything(0)
+    model, dm = SETUPS[name]()
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        inference_mode=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert "train/loss" in trainer.progress_bar_metrics  # the running meta-loss is on the bar
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    batch = next(iter(dm.val_dataloader()))
+    expected = eval_predictions(model, batch)
+    backbone = SETUPS[name]()[0].backbone  # fresh weights, overwritten by the checkpoint
+    restored = type(model).load_from_checkpoint(path, backbone=backbone)
+    assert restored.hparams == model.hparams
+    for got, want in zip(eval_predictions(restored, batch), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_evaluation_refuses_inference_mode_with_a_clear_message():
+    model, dm = SETUPS["MAML"]()
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, inference_mode=True, limit_val_batches=1)
+    with pytest.raises(RuntimeError, match=r"inference_mode=False"):
+        trainer.validate(model, datamodule=dm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CLI_CONFIGS))
+def test_short_fit_through_the_real_cli(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cli = run_cli(
+        [
+            "fit",
+            *CLI_CONFIGS[name],
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3",
+            "--data.val_tasks=4",
+            "--data.test_tasks=4",
+            "--data.eval_tasks_per_batch=2",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert cli.trainer.global_step == 3
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert metrics["test/tasks"] == 4 and torch.isfinite(torch.tensor(metrics["test/loss"]))
+    print(json.dumps(metrics))
