@@ -86,9 +86,10 @@ def main() -> None:
     )
     runs = setups(args.root)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for name, (make_model, make_data, _) in runs.items():
             times[name] += time_once(make_model, make_data, args.steps, args.warmup)
+            print(f"  repeat {repeat}: {name}: median {1000 * statistics.median(times[name]):.0f} ms", flush=True)
     print(f"{'setting':40s} {'median step (ms)':>17s} {'tasks/s':>9s}")
     for name, (_, _, tasks) in runs.items():
         median = statistics.median(times[name])

@@ -3,8 +3,9 @@
 Algorithms, backbones and DataModules are chosen by import path in YAML (`class_path`), so the
 CLI is the registry and a new algorithm needs no code here. What this file adds to Lightning's
 CLI: defaults that meta-learning needs (`inference_mode=False`, since evaluation adapts with
-gradients; W&B + CSV logging, W&B offline unless the user is logged in), the number of ways
-linked to the backbone's output size, and `--test_after_fit`.
+gradients; W&B + CSV logging, W&B offline unless the user is logged in; a checkpoint callback
+that keeps `last.ckpt`), the number of ways linked to the backbone's output size, and
+`--test_after_fit`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_meta.algorithms.base import MetaLearner
@@ -55,8 +57,12 @@ class LightningMetaCLI(LightningCLI):
             default=False,
             help="after `fit`, run the test tasks on the final weights and print the results",
         )
+        # Always a checkpoint callback, configurable as `checkpoint.*`; `last.ckpt` is what a
+        # resumed or tested run points at (`--ckpt_path .../last.ckpt`).
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
+                "checkpoint.save_last": True,
                 "trainer.inference_mode": False,
                 "trainer.logger": [
                     {

@@ -120,6 +120,13 @@ def test_evaluation_refuses_inference_mode_with_a_clear_message():
         trainer.validate(model, datamodule=dm)
 
 
+def test_a_non_finite_meta_loss_stops_training_naming_the_step_and_the_cause():
+    model = MAML(MLP(), inner_lr=1e30)
+    trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(FloatingPointError, match=r"MAML: meta-loss is (nan|inf) at global step 0.*inner_lr"):
+        trainer.fit(model, datamodule=SinusoidDataModule(tasks_per_batch=2))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CLI_CONFIGS))
 def test_short_fit_through_the_real_cli(name, tmp_path, monkeypatch):

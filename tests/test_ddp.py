@@ -28,18 +28,25 @@ def meta_gradient(algorithm: str, devices: int, tasks_per_batch: int, out: Path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = torch.load(out)
     assert saved["world_size"] == devices
-    return saved["grads"]
+    return saved
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("algorithm", ["maml", "protonet"])
 def test_ddp_meta_gradient_equals_single_process_gradient_on_the_union_of_tasks(algorithm, tmp_path):
-    single = meta_gradient(algorithm, devices=1, tasks_per_batch=4, out=tmp_path / "single.pt")
-    ddp = meta_gradient(algorithm, devices=2, tasks_per_batch=2, out=tmp_path / "ddp.pt")
+    single_run = meta_gradient(algorithm, devices=1, tasks_per_batch=4, out=tmp_path / "single.pt")
+    ddp_run = meta_gradient(algorithm, devices=2, tasks_per_batch=2, out=tmp_path / "ddp.pt")
+    single, ddp = single_run["grads"], ddp_run["grads"]
     assert single.keys() == ddp.keys() and single
     for name in single:
         assert single[name].dtype == torch.float64
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-9, atol=1e-12, msg=name)
     # Not vacuous: one rank's half of the tasks alone gives a different gradient.
-    half = meta_gradient(algorithm, devices=1, tasks_per_batch=2, out=tmp_path / "half.pt")
+    half = meta_gradient(algorithm, devices=1, tasks_per_batch=2, out=tmp_path / "half.pt")["grads"]
     assert max((half[n] - single[n]).abs().max() for n in single) > 1e-6
+
+    # Evaluation after that step: the 5 fixed validation tasks, split 3 + 2 across the ranks and
+    # gathered, give the single process's mean and confidence interval.
+    assert ddp_run["val"]["val/tasks"] == single_run["val"]["val/tasks"] == 5
+    for key in ("val/loss", "val/loss_ci95", "val/acc", "val/acc_ci95"):
+        assert abs(ddp_run["val"][key] - single_run["val"][key]) < 1e-9, key

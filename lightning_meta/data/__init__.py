@@ -2,6 +2,7 @@
 
 from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, TensorClasses
 from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data.omniglot import OmniglotClasses, load_omniglot, omniglot_splits
 from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, TaskStream, task_rng
 from lightning_meta.data.sinusoid import SinusoidTasks
 
@@ -11,11 +12,14 @@ __all__ = [
     "FewShotTasks",
     "FixedTaskSampler",
     "MetaBatchSampler",
+    "OmniglotClasses",
     "OmniglotDataModule",
     "SinusoidDataModule",
     "SinusoidTasks",
     "TaskSource",
     "TaskStream",
     "TensorClasses",
+    "load_omniglot",
+    "omniglot_splits",
     "task_rng",
 ]

@@ -69,6 +69,7 @@ class MetaBatchSampler(DistributedSampler):
         Sampler.__init__(self)
         self.tasks_per_batch, self.batches_per_epoch = tasks_per_batch, batches_per_epoch
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.shuffle, self.drop_last = False, False  # what DistributedSampler's readers look at
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -94,6 +95,7 @@ class FixedTaskSampler(DistributedSampler):
         Sampler.__init__(self)
         self.indices = list(range(rank, num_tasks, num_replicas))
         self.tasks_per_batch, self.num_replicas, self.rank, self.epoch = tasks_per_batch, num_replicas, rank, 0
+        self.shuffle, self.drop_last = False, False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # evaluation tasks do not change with the epoch
