@@ -62,6 +62,10 @@ class TaskBatch:
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
+    def slice(self, start: int, stop: int) -> TaskBatch:
+        """Tasks `start .. stop-1` as a batch (views, no copy)."""
+        return TaskBatch(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+
     def __getitem__(self, index: int) -> Task:
         return Task(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 import lightning_meta.algorithms as algorithms
-from lightning_meta.algorithms import MAML, MetaLearner, ProtoNet
+from lightning_meta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaLearner, MetaSGD, ProtoNet, Reptile
 from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.models import MLP, Conv4
@@ -35,6 +35,23 @@ SETUPS = {
     ),
     "MAML-sinusoid": lambda: (MAML(MLP(), inner_lr=0.01), SinusoidDataModule(tasks_per_batch=4)),
     "ProtoNet": lambda: (ProtoNet(Conv4(hidden_channels=8)), SyntheticClassesDataModule()),
+    "MetaSGD": lambda: (MetaSGD(Conv4(hidden_channels=8, out_features=3), inner_steps=2), SyntheticClassesDataModule()),
+    "ANIL": lambda: (ANIL(Conv4(hidden_channels=8, out_features=3), inner_steps=2), SyntheticClassesDataModule()),
+    "MAMLPlusPlus": lambda: (
+        MAMLPlusPlus(Conv4(hidden_channels=8, out_features=3), inner_steps=2),  # first order, MSL on
+        SyntheticClassesDataModule(),
+    ),
+    "MAMLPlusPlus-second-order": lambda: (
+        MAMLPlusPlus(
+            Conv4(hidden_channels=8, out_features=3), inner_steps=2, multi_step_loss_epochs=0, first_order_epochs=0
+        ),
+        SyntheticClassesDataModule(),
+    ),
+    "Reptile": lambda: (Reptile(Conv4(hidden_channels=8, out_features=3), inner_steps=2), SyntheticClassesDataModule()),
+    "Reptile-sinusoid": lambda: (
+        Reptile(MLP(), inner_lr=0.02, inner_optimizer="sgd"),
+        SinusoidDataModule(tasks_per_batch=4),
+    ),
 }
 
 CLI_CONFIGS = {
@@ -46,6 +63,18 @@ CLI_CONFIGS = {
         "--data.query_shots=2",
         "--data.eval_query_shots=2",
         "--model.backbone.init_args.hidden_channels=8",
+    ],
+    "MetaSGD": ["--config", "configs/sinusoid/metasgd.yaml", "--data.tasks_per_batch=4"],
+    "ANIL": ["--config", "configs/sinusoid/anil.yaml", "--data.tasks_per_batch=4"],
+    "Reptile": ["--config", "configs/sinusoid/reptile.yaml", "--data.tasks_per_batch=4"],
+    "MAMLPlusPlus": [  # Omniglot: per-step BatchNorm weights and the ways linked to the head
+        "--config",
+        "configs/omniglot_5w1s/mamlpp.yaml",
+        "--data.query_shots=2",
+        "--data.tasks_per_batch=2",
+        "--model.backbone.init_args.hidden_channels=8",
+        "--model.init_args.inner_steps=2",
+        "--model.init_args.eval_inner_steps=2",
     ],
 }
 
@@ -83,7 +112,7 @@ def test_finite_loss_and_a_gradient_for_every_trainable_parameter(name):
 
 def eval_predictions(model: MetaLearner, batch) -> list[torch.Tensor]:
     model.eval()
-    return [out.predictions.detach() for out in model(batch)]
+    return list(model(batch).predictions.detach())
 
 
 @pytest.mark.parametrize("name", sorted(SETUPS))

@@ -34,6 +34,7 @@ class MAML(MetaLearner):
     """
 
     uses_output_head = True
+    supports_vmap = True
 
     def __init__(
         self,

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lightning_meta.models.norm import PlainBatchNorm2d
+
+NORMS = ("batch", "plain_batch", "group", "none")
+
 
 class Conv4(nn.Module):
     """Four conv blocks, then an optional linear head.
@@ -22,7 +26,9 @@ class Conv4(nn.Module):
             metric-based methods such as Prototypical Networks).
         feature_size: spatial size of the last block's output, so the head knows its input
             size: 1 for 28×28 inputs (Omniglot), 5 for 84×84 (miniImageNet).
-        norm: "batch" (BatchNorm without running statistics), "group" (GroupNorm with 8
+        norm: "batch" (`nn.BatchNorm2d` without running statistics, the papers' layer),
+            "plain_batch" (the same normalisation in plain ops, `PlainBatchNorm2d`: correct
+            under vmap, so tasks can be adapted in parallel), "group" (GroupNorm with 8
             channels a group: per-example statistics) or "none".
     """
 
@@ -35,14 +41,16 @@ class Conv4(nn.Module):
         norm: str = "batch",
     ) -> None:
         super().__init__()
-        if norm not in ("batch", "group", "none"):
-            raise ValueError(f"norm={norm!r} is not one of 'batch', 'group', 'none'")
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r} is not one of {NORMS}")
         blocks = []
         channels = in_channels
         for _ in range(4):
             layers: list[nn.Module] = [nn.Conv2d(channels, hidden_channels, 3, padding=1)]
             if norm == "batch":
                 layers.append(nn.BatchNorm2d(hidden_channels, track_running_stats=False))
+            elif norm == "plain_batch":
+                layers.append(PlainBatchNorm2d(hidden_channels))
             elif norm == "group":
                 layers.append(nn.GroupNorm(max(1, hidden_channels // 8), hidden_channels))
             layers += [nn.ReLU(), nn.MaxPool2d(2)]

@@ -1,0 +1,389 @@
+"""Meta-training throughput and peak memory: lightning-meta against bare PyTorch and peers.
+
+One meta-training step (adapt every task, meta-gradient, outer Adam step) on Conv4-64 at
+Omniglot N-way 1-shot shapes with synthetic images, timed for:
+
+  lightning-meta            the real Trainer step (MAML with `task_batching=auto`: the loop with
+                            the default nn.BatchNorm2d backbone)
+  lightning-meta vmap       the real Trainer step, `task_batching=vmap`, PlainBatchNorm2d backbone
+  bare vmap                 a torch.func reference written here (functional_call + grad + vmap
+                            over tasks, one backward), PlainBatchNorm2d backbone
+  bare loop                 a per-task functional loop written here (autograd.grad), nn.BatchNorm2d
+  higher / torchopt / l2l   the peers' own MAML idioms, each when importable (else skipped, said)
+
+Each (setting, implementation) runs in a fresh subprocess, so its peak memory is its own: peak
+RSS on CPU (high-water mark during the timed steps minus the one after set-up), peak allocated
+on CUDA. Repeats are interleaved across implementations so machine noise hits all alike; the
+table gives the median step time, tasks/s, the ratio to the bare vmap reference and to the
+bare loop, and peak memory.
+
+    python benchmarks/throughput.py --threads 1 --tasks 8 --steps 3 --repeats 3
+    python benchmarks/throughput.py --device cuda --tasks 32 --steps 10   # unchanged on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_meta.models import Conv4
+
+SETTINGS = {
+    "MAML 2nd order, 1 step": dict(algorithm="maml", steps=1, first_order=False, inner_lr=0.4),
+    "MAML 2nd order, 5 steps": dict(algorithm="maml", steps=5, first_order=False, inner_lr=0.1),
+    "FOMAML, 1 step": dict(algorithm="maml", steps=1, first_order=True, inner_lr=0.4),
+    "ProtoNet": dict(algorithm="protonet"),
+}
+IMPLEMENTATIONS = [
+    "lightning-meta",
+    "lightning-meta vmap",
+    "bare vmap",
+    "bare loop",
+    "higher",
+    "torchopt",
+    "learn2learn",
+]
+PEER_MODULES = {"higher": "higher", "torchopt": "torchopt", "learn2learn": "learn2learn"}
+
+
+def synthetic_batch(tasks: int, ways: int, queries: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    sx = torch.rand(tasks, ways, 1, 28, 28, generator=g)
+    qx = torch.rand(tasks, ways * queries, 1, 28, 28, generator=g)
+    sy = torch.arange(ways).repeat(tasks, 1)
+    qy = torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1)
+    return tuple(t.to(device) for t in (sx, sy, qx, qy))
+
+
+def backbone(ways: int | None, norm: str, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Conv4(out_features=ways, norm=norm).to(device)
+
+
+# --- the implementations: each returns a function doing one full meta-training step ---------
+
+
+def bare_vmap(cfg: dict, ways: int, data: tuple, device: torch.device):
+    model = backbone(ways, "plain_batch", device)
+    params = dict(model.named_parameters())
+    opt = torch.optim.Adam(params.values(), 1e-3)
+
+    def task_loss(sx, sy, qx, qy):
+        def support_loss(p):
+            return F.cross_entropy(functional_call(model, p, (sx,)), sy)
+
+        p = params
+        for _ in range(cfg["steps"]):
+            g = grad(support_loss)(p)
+            p = {k: p[k] - cfg["inner_lr"] * (g[k].detach() if cfg["first_order"] else g[k]) for k in p}
+        return F.cross_entropy(functional_call(model, p, (qx,)), qy)
+
+    def step():
+        opt.zero_grad()
+        vmap(task_loss)(*data).mean().backward()
+        opt.step()
+
+    return step
+
+
+def bare_loop(cfg: dict, ways: int, data: tuple, device: torch.device):
+    if cfg["algorithm"] == "protonet":
+        model = backbone(None, "batch", device)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+
+        def step():
+            opt.zero_grad()
+            for sx, _, qx, qy in zip(*data, strict=True):
+                z = model(torch.cat([sx, qx]))
+                protos = z[: len(sx)]  # 1-shot: the support embeddings are the prototypes
+                logits = -(z[len(sx) :, None] - protos[None]).pow(2).sum(-1)
+                (F.cross_entropy(logits, qy) / len(data[0])).backward()
+            opt.step()
+
+        return step
+    model = backbone(ways, "batch", device)
+    params = dict(model.named_parameters())
+    opt = torch.optim.Adam(params.values(), 1e-3)
+
+    def step():
+        opt.zero_grad()
+        for sx, sy, qx, qy in zip(*data, strict=True):
+            p = params
+            for _ in range(cfg["steps"]):
+                loss = F.cross_entropy(functional_call(model, p, (sx,)), sy)
+                g = torch.autograd.grad(loss, list(p.values()), create_graph=not cfg["first_order"])
+                p = {k: w - cfg["inner_lr"] * gk for (k, w), gk in zip(p.items(), g, strict=True)}
+            (F.cross_entropy(functional_call(model, p, (qx,)), qy) / len(data[0])).backward()
+        opt.step()
+
+    return step
+
+
+def with_higher(cfg: dict, ways: int, data: tuple, device: torch.device):
+    import higher
+
+    model = backbone(ways, "batch", device)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    inner = torch.optim.SGD(model.parameters(), lr=cfg["inner_lr"])
+
+    def step():
+        opt.zero_grad()
+        for sx, sy, qx, qy in zip(*data, strict=True):
+            with higher.innerloop_ctx(
+                model, inner, copy_initial_weights=False, track_higher_grads=not cfg["first_order"]
+            ) as (
+                fmodel,
+                diffopt,
+            ):
+                for _ in range(cfg["steps"]):
+                    diffopt.step(F.cross_entropy(fmodel(sx), sy))
+                (F.cross_entropy(fmodel(qx), qy) / len(data[0])).backward()
+        opt.step()
+
+    return step
+
+
+def with_torchopt(cfg: dict, ways: int, data: tuple, device: torch.device):
+    import torchopt
+
+    model = backbone(ways, "batch", device)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    inner = torchopt.MetaSGD(model, lr=cfg["inner_lr"])
+
+    def step():
+        opt.zero_grad()
+        for sx, sy, qx, qy in zip(*data, strict=True):
+            state = torchopt.extract_state_dict(model)
+            for _ in range(cfg["steps"]):
+                inner.step(F.cross_entropy(model(sx), sy))
+                if cfg["first_order"]:
+                    torchopt.stop_gradient(model)
+            (F.cross_entropy(model(qx), qy) / len(data[0])).backward()
+            torchopt.recover_state_dict(model, state)
+        opt.step()
+
+    return step
+
+
+def with_learn2learn(cfg: dict, ways: int, data: tuple, device: torch.device):
+    import learn2learn as l2l
+
+    maml = l2l.algorithms.MAML(backbone(ways, "batch", device), lr=cfg["inner_lr"], first_order=cfg["first_order"])
+    opt = torch.optim.Adam(maml.parameters(), 1e-3)
+
+    def step():
+        opt.zero_grad()
+        for sx, sy, qx, qy in zip(*data, strict=True):
+            learner = maml.clone()
+            for _ in range(cfg["steps"]):
+                learner.adapt(F.cross_entropy(learner(sx), sy))
+            (F.cross_entropy(learner(qx), qy) / len(data[0])).backward()
+        opt.step()
+
+    return step
+
+
+def with_lightning_meta(cfg: dict, ways: int, data: tuple, device: torch.device, vmapped: bool, warmup: int):
+    import pytorch_lightning as pl
+
+    from lightning_meta.algorithms import MAML, ProtoNet
+    from lightning_meta.data import EpisodicDataModule, TaskSource
+    from lightning_meta.task import Task
+
+    sx, sy, qx, qy = (t.cpu() for t in data)
+
+    class FixedTasks(TaskSource):
+        def sample(self, rng) -> Task:  # the same synthetic tasks every step, as for the others
+            i = int(rng.integers(len(sx)))
+            return Task(sx[i], sy[i], qx[i], qy[i])
+
+    class FixedData(EpisodicDataModule):
+        def build_sources(self) -> dict:
+            return {"train": FixedTasks(), "val": FixedTasks(), "test": FixedTasks()}
+
+    norm = "plain_batch" if vmapped else "batch"
+    if cfg["algorithm"] == "protonet":
+        model = ProtoNet(backbone(None, norm, device))
+    else:
+        model = MAML(backbone(ways, norm, device), cfg["inner_lr"], cfg["steps"], first_order=cfg["first_order"])
+    if vmapped:
+        model.task_batching = "vmap"
+    times: list[float] = []
+    baseline: list[int] = []
+
+    class Timer(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+            if len(times) == warmup:  # memory is counted from here, as for the others
+                baseline.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+
+    def run(steps: int) -> tuple[list[float], int]:
+        trainer = pl.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            inference_mode=False,
+            callbacks=[Timer()],
+        )
+        trainer.fit(model, datamodule=FixedData(tasks_per_batch=len(sx), batches_per_epoch=10**6))
+        return times, baseline[0]
+
+    return run
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = SETTINGS[args.setting]
+    queries = args.queries
+    data = synthetic_batch(args.tasks, args.ways, queries, device)
+    if args.impl.startswith("lightning-meta"):
+        warmup = max(1, args.warmup)
+        run = with_lightning_meta(cfg, args.ways, data, device, args.impl.endswith("vmap"), warmup)
+        times, base = run(warmup + args.steps)
+        times = times[warmup:]
+    else:
+        make = {"bare vmap": bare_vmap, "bare loop": bare_loop, "higher": with_higher, "torchopt": with_torchopt}
+        make["learn2learn"] = with_learn2learn
+        step = make[args.impl](cfg, args.ways, data, device)
+        for _ in range(args.warmup):
+            step()
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    print(json.dumps({"times": times, "peak_mb": peak_mb}))
+
+
+def applicable(impl: str, setting: str) -> bool:
+    if SETTINGS[setting]["algorithm"] == "protonet":
+        return impl in ("lightning-meta", "bare loop")
+    return True
+
+
+def importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # a peer that fails to import for any reason is simply absent
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tasks", type=int, default=8, help="tasks per meta-batch")
+    parser.add_argument("--ways", type=int, nargs="+", default=[5, 20])
+    parser.add_argument("--queries", type=int, default=15, help="query examples per class")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--impls", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.ways = args.ways[0]
+        worker(args)
+        return
+
+    impls = []
+    for impl in args.impls:
+        if impl in PEER_MODULES and not importable(PEER_MODULES[impl]):
+            print(f"skipping {impl}: not importable here")
+        else:
+            impls.append(impl)
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {args.threads}, {args.tasks} tasks/step, "
+        f"{args.queries} queries/class, Conv4-64, {args.steps} timed steps x {args.repeats} interleaved repeats"
+    )
+    results: dict[tuple, dict] = {}
+    for _ in range(args.repeats):
+        for ways in args.ways:
+            for setting in args.settings:
+                for impl in impls:
+                    if not applicable(impl, setting):
+                        continue
+                    command = [sys.executable, __file__, "--worker", "--impl", impl, "--setting", setting]
+                    command += ["--ways", str(ways), "--threads", str(args.threads), "--device", args.device]
+                    command += ["--tasks", str(args.tasks), "--queries", str(args.queries)]
+                    command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+                    out = subprocess.run(command, capture_output=True, text=True)
+                    key = (ways, setting, impl)
+                    entry = results.setdefault(key, {"times": [], "peak_mb": []})
+                    if out.returncode != 0:
+                        entry["error"] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
+                        continue
+                    record = json.loads(out.stdout.strip().splitlines()[-1])
+                    entry["times"] += record["times"]
+                    entry["peak_mb"].append(record["peak_mb"])
+    header = f"{'shape':8s} {'setting':24s} {'implementation':20s} {'ms/step':>9s} {'tasks/s':>8s} "
+    header += f"{'vs bare vmap':>12s} {'vs bare loop':>12s} {'peak MB':>8s}"
+    print(header)
+    for ways in args.ways:
+        for setting in args.settings:
+            medians = {
+                impl: statistics.median(results[(ways, setting, impl)]["times"])
+                for impl in impls
+                if (ways, setting, impl) in results and results[(ways, setting, impl)]["times"]
+            }
+            for impl in impls:
+                entry = results.get((ways, setting, impl))
+                if entry is None:
+                    continue
+                shape = f"{ways}w1s"
+                if "error" in entry and not entry["times"]:
+                    print(f"{shape:8s} {setting:24s} {impl:20s} failed: {entry['error'][:80]}")
+                    continue
+                median = medians[impl]
+                ratio = {
+                    ref: (f"{median / medians[ref]:.2f}x" if ref in medians else "-")
+                    for ref in ("bare vmap", "bare loop")
+                }
+                print(
+                    f"{shape:8s} {setting:24s} {impl:20s} {1000 * median:9.0f} {args.tasks / median:8.1f} "
+                    f"{ratio['bare vmap']:>12s} {ratio['bare loop']:>12s} {statistics.median(entry['peak_mb']):8.0f}"
+                )
+    print("ratios are step-time ratios (lower is faster); 'bare vmap' uses PlainBatchNorm2d, the loops nn.BatchNorm2d")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Callbacks that carry performance settings from the trainer config to the algorithm.
+
+How tasks are batched is a performance choice with no effect on results (like precision or
+strategy), so it is set with the trainer, not in the algorithm's hyperparameters:
+
+    trainer:
+      callbacks:
+        - class_path: lightning_meta.callbacks.TaskBatching
+          init_args: {mode: vmap, chunk_size: 8}
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+from lightning_meta.algorithms.base import MetaLearner
+from lightning_meta.algorithms.task_parallel import MODES
+
+
+class TaskBatching(pl.Callback):
+    """Run the tasks of each meta-batch in a loop, under vmap, or let the learner choose.
+
+    Args:
+        mode: "auto" (vmap where proven equal to the loop and timed faster), "loop" or "vmap".
+        chunk_size: tasks whose graphs are alive at once while the meta-gradient accumulates
+            (None: the learner's default, see `MetaLearner.task_chunk_size`).
+    """
+
+    def __init__(self, mode: str = "auto", chunk_size: int | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"TaskBatching mode={mode!r} is not one of {MODES}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"TaskBatching chunk_size={chunk_size} must be >= 1")
+        self.mode, self.chunk_size = mode, chunk_size
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, MetaLearner):
+            raise TypeError(f"TaskBatching works with MetaLearner modules, not {type(pl_module).__name__}")
+        pl_module.task_batching, pl_module.task_chunk_size = self.mode, self.chunk_size
