@@ -4,8 +4,23 @@ Usable on their own in any Lightning project whose DataModule yields `TaskBatch`
 `from lightning_meta.algorithms import MAML`.
 """
 
+from lightning_meta.algorithms.anil import ANIL
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, mean_and_ci95, supervised_loss
 from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.mamlpp import MAMLPlusPlus
+from lightning_meta.algorithms.metasgd import MetaSGD
 from lightning_meta.algorithms.protonet import ProtoNet
+from lightning_meta.algorithms.reptile import Reptile
 
-__all__ = ["MAML", "MetaLearner", "ProtoNet", "TaskOutput", "mean_and_ci95", "supervised_loss"]
+__all__ = [
+    "ANIL",
+    "MAML",
+    "MAMLPlusPlus",
+    "MetaLearner",
+    "MetaSGD",
+    "ProtoNet",
+    "Reptile",
+    "TaskOutput",
+    "mean_and_ci95",
+    "supervised_loss",
+]

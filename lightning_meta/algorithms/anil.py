@@ -1,0 +1,116 @@
+"""ANIL, Almost No Inner Loop (Raghu, Raghu, Bengio & Vinyals, ICLR 2020).
+
+The paper finds that MAML's inner loop barely changes the body of the network (feature reuse,
+not rapid learning), and that adapting the head alone matches MAML. So the inner loop adapts
+only the head; the body's features of the support and query sets are computed once per task,
+with θ0, and the head's steps run on them. The body is still meta-learned: the outer loss
+reaches it through the features (and, second order, through the head's inner gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_meta.algorithms.base import MetaLearner, TaskOutput, supervised_loss
+from lightning_meta.inner_loop import adapt, forward, named_params
+from lightning_meta.task import Params, Task
+
+
+def last_linear(module: nn.Module) -> str:
+    """The name of `module`'s last `nn.Linear` submodule (the head of Conv4 and MLP)."""
+    names = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(module).__name__} has no nn.Linear to adapt: name the head (model.init_args.head)")
+    return names[-1]
+
+
+class ANIL(MetaLearner):
+    """ANIL: MAML whose inner loop adapts only the head, on features computed once per task.
+
+    Args:
+        backbone: the network being meta-learned; for classification its output size is the
+            number of ways.
+        head: name of the backbone's submodule adapted in the inner loop; its output must be
+            the backbone's output. Default: the last `nn.Linear` (`head` for Conv4, `net.4`
+            for a two-hidden-layer MLP).
+        inner_lr: α, the head's inner SGD step size (the paper keeps MAML's values).
+        inner_steps: inner steps during meta-training.
+        eval_inner_steps: inner steps at validation and test (default: `inner_steps`).
+        first_order: treat the head's inner gradients as constants.
+        optimizer: the outer optimizer (default Adam, lr 1e-3).
+        lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch.
+    """
+
+    uses_output_head = True
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: str | None = None,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(backbone, optimizer, lr_scheduler)
+        eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        if not inner_lr > 0:
+            raise ValueError(f"model.init_args.inner_lr={inner_lr} must be > 0")
+        for key, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
+            if value < 1:
+                raise ValueError(f"model.init_args.{key}={value} must be at least 1")
+        self.head = last_linear(backbone) if head is None else head
+        if not list(backbone.get_submodule(self.head).parameters()):  # get_submodule raises if absent
+            raise ValueError(f"model.init_args.head={self.head!r} has no parameters to adapt")
+        self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
+        self.first_order = first_order
+
+    @property
+    def head_module(self) -> nn.Module:
+        # Looked up, not stored: an attribute would register the head a second time.
+        return self.backbone.get_submodule(self.head)
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The head's input (the body's features) and the backbone's output, both at θ0."""
+        captured: list[Tensor] = []
+        hook = self.head_module.register_forward_hook(lambda _m, args, out: captured.extend((args[0], out)))
+        try:
+            output = self.backbone(x)
+        finally:
+            hook.remove()
+        if len(captured) != 2 or captured[1] is not output:
+            raise ValueError(f"ANIL head {self.head!r} must run once per forward and give the backbone's output")
+        return captured[0], output
+
+    def head_params(self, params: Params) -> Params:
+        """The head's entries of `params`, named as in the head module."""
+        prefix = self.head + "."
+        return {name.removeprefix(prefix): p for name, p in params.items() if name.startswith(prefix)}
+
+    def adapt_head(self, support_features: Tensor, support_y: Tensor, steps: int) -> list[Params]:
+        """The head's inner-loop trajectory on precomputed support features (names as in the head)."""
+
+        def support_loss(params: Params) -> Tensor:
+            return supervised_loss(forward(self.head_module, params, support_features), support_y)
+
+        first_order = self.first_order or not self.training
+        return adapt(support_loss, self.head_params(named_params(self.backbone)), steps, self.inner_lr, first_order)
+
+    def adapt(self, task: Task, steps: int) -> list[Params]:
+        """The trajectory θ0..θK as full backbone parameter dicts (only head entries change)."""
+        theta0 = named_params(self.backbone)
+        trajectory = self.adapt_head(self.features(task.support_x)[0], task.support_y, steps)
+        return [{**theta0, **{f"{self.head}.{n}": p for n, p in head.items()}} for head in trajectory]
+
+    def task_loss(self, task: Task) -> TaskOutput:
+        steps = self.inner_steps if self.training else self.eval_inner_steps
+        # Support and query pass through the body separately, as in MAML (BatchNorm statistics per set).
+        trajectory = self.adapt_head(self.features(task.support_x)[0], task.support_y, steps)
+        query_features, output_before = self.features(task.query_x)
+        predictions = forward(self.head_module, trajectory[-1], query_features)
+        loss_before = None if self.training else supervised_loss(output_before, task.query_y).detach()
+        return TaskOutput(supervised_loss(predictions, task.query_y), predictions, loss_before)
