@@ -13,9 +13,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytorch_lightning as pl
 import torch
 
-from lightning_meta.algorithms import MAML, ProtoNet
+from lightning_meta.algorithms import MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Reptile
 from lightning_meta.models import Conv4
 from tests.helpers import SyntheticClassesDataModule
+
+ALGORITHMS = {
+    "maml": lambda: MAML(Conv4(hidden_channels=8, out_features=3), inner_lr=0.4, inner_steps=2),
+    "protonet": lambda: ProtoNet(Conv4(hidden_channels=8)),
+    "metasgd": lambda: MetaSGD(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
+    # First order with the multi-step loss: every per-step BatchNorm copy must take part.
+    "mamlpp": lambda: MAMLPlusPlus(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
+    "reptile": lambda: Reptile(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
+}
 
 
 class SaveGradients(pl.Callback):
@@ -32,17 +41,14 @@ class SaveGradients(pl.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--algorithm", choices=["maml", "protonet"], required=True)
+    parser.add_argument("--algorithm", choices=list(ALGORITHMS), required=True)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--tasks-per-batch", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    if args.algorithm == "maml":
-        model = MAML(Conv4(hidden_channels=8, out_features=3), inner_lr=0.4, inner_steps=2)
-    else:
-        model = ProtoNet(Conv4(hidden_channels=8))
+    model = ALGORITHMS[args.algorithm]()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,

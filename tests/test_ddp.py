@@ -32,7 +32,7 @@ def meta_gradient(algorithm: str, devices: int, tasks_per_batch: int, out: Path)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("algorithm", ["maml", "protonet"])
+@pytest.mark.parametrize("algorithm", ["maml", "protonet", "metasgd", "mamlpp", "reptile"])
 def test_ddp_meta_gradient_equals_single_process_gradient_on_the_union_of_tasks(algorithm, tmp_path):
     single_run = meta_gradient(algorithm, devices=1, tasks_per_batch=4, out=tmp_path / "single.pt")
     ddp_run = meta_gradient(algorithm, devices=2, tasks_per_batch=2, out=tmp_path / "ddp.pt")
@@ -49,4 +49,7 @@ def test_ddp_meta_gradient_equals_single_process_gradient_on_the_union_of_tasks(
     # gathered, give the single process's mean and confidence interval.
     assert ddp_run["val"]["val/tasks"] == single_run["val"]["val/tasks"] == 5
     for key in ("val/loss", "val/loss_ci95", "val/acc", "val/acc_ci95"):
-        assert abs(ddp_run["val"][key] - single_run["val"][key]) < 1e-9, key
+        # Accuracies are float32 (`.float()` of a boolean) whatever the precision, and the
+        # gathered order differs from the single process's: 1e-7 apart is rounding.
+        tolerance = 1e-6 if "acc" in key else 1e-9
+        assert abs(ddp_run["val"][key] - single_run["val"][key]) < tolerance, key
