@@ -44,6 +44,7 @@ class ANIL(MetaLearner):
     """
 
     uses_output_head = True
+    supports_vmap = True
 
     def __init__(
         self,

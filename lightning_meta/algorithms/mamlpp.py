@@ -59,6 +59,7 @@ class MAMLPlusPlus(MetaLearner):
     """
 
     uses_output_head = True
+    supports_vmap = True
 
     def __init__(
         self,

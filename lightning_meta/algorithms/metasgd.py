@@ -39,6 +39,7 @@ class MetaSGD(MetaLearner):
     """
 
     uses_output_head = True
+    supports_vmap = True
 
     def __init__(
         self,
