@@ -17,8 +17,18 @@ from lightning_meta.algorithms import MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Rep
 from lightning_meta.models import Conv4
 from tests.helpers import SyntheticClassesDataModule
 
+
+def vmapped_maml() -> MAML:
+    # The task-parallel path: tasks under torch.func.vmap, which needs a norm layer proven equal
+    # to the loop under it (nn.BatchNorm2d is not).
+    model = MAML(Conv4(hidden_channels=8, out_features=3, norm="plain_batch"), inner_lr=0.4, inner_steps=2)
+    model.task_batching = "vmap"
+    return model
+
+
 ALGORITHMS = {
     "maml": lambda: MAML(Conv4(hidden_channels=8, out_features=3), inner_lr=0.4, inner_steps=2),
+    "maml-vmap": vmapped_maml,
     "protonet": lambda: ProtoNet(Conv4(hidden_channels=8)),
     "metasgd": lambda: MetaSGD(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
     # First order with the multi-step loss: every per-step BatchNorm copy must take part.
