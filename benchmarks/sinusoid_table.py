@@ -131,7 +131,7 @@ def cell(values: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000, help="meta-steps per trained model")
+    parser.add_argument("--steps", type=int, default=2500, help="meta-steps per trained model")
     parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20], help="support points K to test")
     parser.add_argument("--per-k", action="store_true", help="train one model per K (default: one, on K=10)")
     parser.add_argument("--tasks", type=int, default=600, help="held-out test tasks")
