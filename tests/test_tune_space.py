@@ -1,4 +1,4 @@
-"""Sweep inputs, checked without starting Ray: search spaces, CLI keys, metrics, results files."""
+"""Sweep pieces checked without starting Ray: spaces, CLI keys, metrics, results files, callbacks."""
 
 from __future__ import annotations
 
@@ -201,3 +201,31 @@ def test_results_table_ranks_trials_and_the_plot_is_a_png(tmp_path):
     assert table[3]["status"] == "ERROR" and table[3]["error"] == "boom" and table[3]["val/loss (last)"] == ""
     png = plot_metric(ranked, space, "val/loss", "min", tmp_path / "val_loss.png")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_after_a_pbt_restore_the_configured_optimizer_hyperparameters_win_and_its_state_stays():
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_meta.cli import run_cli
+    from tune.callbacks import ApplyConfiguredOptimizer
+
+    args = ["--config", SINUSOID, "--trainer.logger=false", "--model.init_args.optimizer.init_args.lr=0.5"]
+    model = run_cli(args, run=False).model
+    restored = torch.optim.Adam(model.parameters(), lr=1e-3)  # as a checkpoint of another trial left it
+    sum(p.sum() for p in model.parameters()).backward()
+    restored.step()
+    moments = [restored.state[p]["exp_avg"].clone() for p in model.parameters()]
+    ApplyConfiguredOptimizer().on_train_start(SimpleNamespace(optimizers=[restored]), model)
+    assert restored.param_groups[0]["lr"] == 0.5
+    assert all(torch.equal(restored.state[p]["exp_avg"], m) for p, m in zip(model.parameters(), moments, strict=True))
+
+
+def test_a_trial_whose_metric_diverged_is_ended_naming_it():
+    from tune.callbacks import _stop_if_diverged
+
+    _stop_if_diverged({"val/loss": 1.5, "step": 10}, "val/loss")
+    _stop_if_diverged({"val/acc": float("nan"), "step": 10}, "val/loss")  # only the sweep's metric counts
+    with pytest.raises(FloatingPointError, match="val/loss is nan at step 10: the trial diverged"):
+        _stop_if_diverged({"val/loss": float("nan"), "step": 10}, "val/loss")

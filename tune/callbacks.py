@@ -7,6 +7,9 @@ A trial is a plain `lightning-meta fit` run; the sweep appends these callbacks w
   metrics (plus `step`, `epoch`) to Tune with a Lightning checkpoint, which is what lets ASHA
   stop a trial and PBT pause, clone and resume one. Ray's `TuneReportCheckpointCallback` does the
   reporting; this adds the step so each report can be matched to a replay's metrics.
+- Both end a trial whose sweep metric is NaN or infinite, after reporting it, as training does
+  on a non-finite loss: schedulers cannot rank NaN (ASHA never stops such a trial), so a
+  diverged trial would otherwise run its whole budget.
 - `TrainReportCallback`: multi-process trials under Ray Train (`TorchTrainer`). Ray's own
   `RayTrainReportCallback` reports at the end of each training epoch; meta-learning validates
   every `val_check_interval` meta-steps inside one long epoch, so this reports after every
@@ -19,6 +22,7 @@ A trial is a plain `lightning-meta fit` run; the sweep appends these callbacks w
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -40,20 +44,36 @@ def _metrics(trainer: pl.Trainer) -> dict[str, float]:
     return metrics
 
 
+def _stop_if_diverged(metrics: dict[str, float], metric: str | None) -> None:
+    value = metrics.get(metric) if metric else None
+    if value is not None and not math.isfinite(value):
+        raise FloatingPointError(
+            f"{metric} is {value} at step {metrics['step']}: the trial diverged (the usual cause is an inner "
+            "or outer learning rate too high); ending it rather than spending its budget"
+        )
+
+
 class TuneReportCallback(TuneReportCheckpointCallback):
     """Report every validation's metrics and a checkpoint to Ray Tune (single-process trials).
 
     Args:
+        metric: the sweep's metric; a non-finite value ends the trial (after it is reported).
         save_checkpoints: also report a Lightning checkpoint (needed for PBT and `--resume`).
     """
 
-    def __init__(self, save_checkpoints: bool = True) -> None:
+    def __init__(self, metric: str | None = None, save_checkpoints: bool = True) -> None:
         super().__init__(metrics=None, filename=CHECKPOINT_NAME, save_checkpoints=save_checkpoints, on="validation_end")
+        self.metric = metric
 
     def _get_report_dict(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
         if trainer.sanity_checking:
             return None
         return _metrics(trainer)
+
+    def _handle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._handle(trainer, pl_module)
+        if not trainer.sanity_checking:
+            _stop_if_diverged(_metrics(trainer), self.metric)
 
 
 class TrainReportCallback(Callback):
@@ -61,7 +81,14 @@ class TrainReportCallback(Callback):
 
     Every rank must call `ray.train.report` the same number of times; only rank 0 writes the
     checkpoint (Lightning's `save_checkpoint` is collective and writes on rank 0).
+
+    Args:
+        metric: the sweep's metric; a non-finite value ends the trial (after it is reported).
     """
+
+    def __init__(self, metric: str | None = None) -> None:
+        super().__init__()
+        self.metric = metric
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -75,6 +102,7 @@ class TrainReportCallback(Callback):
             trainer.strategy.barrier("lightning-meta-train-report")
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+        _stop_if_diverged(metrics, self.metric)
 
 
 class ApplyConfiguredOptimizer(Callback):

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue an interrupted sweep (--name, or the latest of config+space)")
     add("--no-wandb", dest="wandb", action="store_false", help="no W&B runs (default: one per trial)")
     add("--wandb-project", default="lightning-meta", help="W&B project")
-    add("--keep-checkpoints", type=int, default=2, help="checkpoints kept per trial")
+    add("--keep-checkpoints", type=int, help="checkpoints kept per trial (default: 2; 4 under PBT)")
     add("--ray-temp-dir", help="Ray's temp dir for a private local cluster (default: Ray's)")
     add("--verbose", type=int, default=1, choices=(0, 1, 2, 3), help="Tune's console verbosity")
     return parser

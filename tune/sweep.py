@@ -64,7 +64,8 @@ class SweepSettings:
         resume: continue the sweep `name` (or the latest one of this config and space).
         wandb: log each trial to W&B (offline unless logged in).
         wandb_project: the W&B project.
-        keep_checkpoints: checkpoints kept per trial.
+        keep_checkpoints: checkpoints kept per trial (None: 2, or 4 under PBT, whose trials
+            clone each other's checkpoints).
         ray_temp_dir: Ray's temp dir for a private local cluster.
         verbose: Tune's console verbosity (0-3).
     """
@@ -94,7 +95,7 @@ class SweepSettings:
     resume: bool = False
     wandb: bool = True
     wandb_project: str = "lightning-meta"
-    keep_checkpoints: int = 2
+    keep_checkpoints: int | None = None
     ray_temp_dir: str | None = None
     verbose: int = 1
     space_data: dict[str, Any] | None = field(default=None, repr=False)
@@ -253,9 +254,16 @@ def plan(settings: SweepSettings) -> _Plan:
         gpus=settings.gpus_per_trial,
         restore_optimizer_config=settings.scheduler == "pbt",
         test_after_fit=checker.get(base, "test_after_fit") is not None,
-        keep_checkpoints=settings.keep_checkpoints,
+        keep_checkpoints=_keep(settings),
+        metric=settings.metric,
     )
     return _Plan(settings, space, checker, mode, _expected_reports(checker, space), spec)
+
+
+def _keep(settings: SweepSettings) -> int:
+    if settings.keep_checkpoints is not None:
+        return settings.keep_checkpoints
+    return 4 if settings.scheduler == "pbt" else 2
 
 
 def _wandb_mode() -> str:
@@ -382,7 +390,7 @@ def _tuner(p: _Plan, experiment_path: str, restore: bool) -> Any:
         storage_path=spec.storage_path,
         callbacks=callbacks,
         failure_config=ray.tune.FailureConfig(max_failures=s.max_failures),
-        checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=s.keep_checkpoints),
+        checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         sync_config=ray.tune.SyncConfig(sync_artifacts=not spec.local_storage),
         verbose=s.verbose,
     )

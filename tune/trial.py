@@ -49,6 +49,7 @@ class TrialSpec:
             (PBT mutates them).
         test_after_fit: whether the CLI has `--test_after_fit` (turned off in trials).
         keep_checkpoints: checkpoints a Ray Train trial keeps (Tune keeps its own the same).
+        metric: the sweep's metric (a trial whose value is not finite is ended).
     """
 
     config: str
@@ -62,6 +63,7 @@ class TrialSpec:
     restore_optimizer_config: bool = False
     test_after_fit: bool = True
     keep_checkpoints: int = 2
+    metric: str = "val/loss"
 
     @property
     def local_storage(self) -> bool:
@@ -159,7 +161,7 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         return
     from lightning_meta.cli import run_cli
 
-    callbacks = [_callback("TuneReportCallback")]
+    callbacks = [_callback("TuneReportCallback", metric=spec.metric)]
     if spec.restore_optimizer_config:
         callbacks.append(_callback("ApplyConfiguredOptimizer"))
     extra = ("--trainer.accelerator=gpu", "--trainer.devices=1") if spec.gpus else ()
@@ -204,7 +206,7 @@ def _worker_loop(train_config: dict[str, Any]) -> None:
         "--trainer.devices=auto",
         f"--trainer.accelerator={'gpu' if spec.gpus else 'cpu'}",
     )
-    callbacks = [_callback("TrainReportCallback")]
+    callbacks = [_callback("TrainReportCallback", metric=spec.metric)]
     with _checkpoint_file(ray.train.get_checkpoint()) as ckpt_path:
         args = trial_arguments(spec, train_config["overrides"], train_config["log_dir"], callbacks, ckpt_path, extra)
         run_cli(args)
