@@ -74,7 +74,8 @@ def build(config: str, shots: int, steps: int, seed: int):
     return model, cli.datamodule
 
 
-def train(model, data, steps: int) -> float:
+def train(model, data, steps: int) -> tuple[float, str]:
+    """Seconds spent, and a note if training stopped early (a non-finite meta-loss)."""
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -87,8 +88,12 @@ def train(model, data, steps: int) -> float:
         inference_mode=False,
     )
     start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    return time.perf_counter() - start
+    try:
+        trainer.fit(model, datamodule=data)
+    except FloatingPointError:
+        # The weights from before the failing step are still finite: score them, say so.
+        return time.perf_counter() - start, f"stopped at step {trainer.global_step}: non-finite meta-loss"
+    return time.perf_counter() - start, ""
 
 
 def test_tasks(shots: int, count: int) -> list:
@@ -131,7 +136,7 @@ def cell(values: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2500, help="meta-steps per trained model")
+    parser.add_argument("--steps", type=int, default=2000, help="meta-steps per trained model")
     parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20], help="support points K to test")
     parser.add_argument("--per-k", action="store_true", help="train one model per K (default: one, on K=10)")
     parser.add_argument("--tasks", type=int, default=600, help="held-out test tasks")
@@ -147,7 +152,7 @@ def main() -> None:
 
     mse: dict[tuple[str, int], torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    paths: dict[str, str] = {}
+    paths: dict[str, str] = {}  # how the tasks were run, and any early stop
     fit_x = torch.linspace(-5, 5, 200).unsqueeze(-1)
     fit_k = 10 if 10 in args.ks else args.ks[0]
     fits: dict[str, list[torch.Tensor]] = {}
@@ -156,8 +161,9 @@ def main() -> None:
         for train_k in train_ks:
             pl.seed_everything(args.seed, verbose=False)
             model, data = build(ALGORITHMS[name], train_k, args.steps, args.seed)
-            seconds[name] += train(model, data, args.steps)
-            paths[name] = model.task_batching
+            spent, note = train(model, data, args.steps)
+            seconds[name] += spent
+            paths[name] = model.task_batching + (f"; K={train_k} {note}" if note else "")
             for k in args.ks if not args.per_k else [train_k]:
                 mse[name, k] = mse_by_step(model, tasks[k])
                 if k == fit_k:
