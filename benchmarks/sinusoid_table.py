@@ -57,7 +57,8 @@ QUERY_POINTS = 100
 
 
 def build(config: str, shots: int, steps: int, seed: int):
-    """The configured model, with schedules stretched to `steps` meta-steps (10 epochs)."""
+    """The configured model and data, with schedules stretched to `steps` meta-steps (10 epochs),
+    and the config's gradient clipping."""
     args = ["--config", str(REPO / "configs" / "sinusoid" / f"{config}.yaml"), "--trainer.logger=false"]
     args += [f"--seed_everything={seed}", f"--data.shots={shots}", f"--data.query_shots={shots}"]
     args += [f"--data.batches_per_epoch={max(1, steps // 10)}"]
@@ -71,13 +72,14 @@ def build(config: str, shots: int, steps: int, seed: int):
     # parity tests), fixed rather than "auto" so noisy timing on a shared CPU cannot flip it.
     vmappable = model.supports_vmap and task_parallel.vmap_blocker(model) is None
     model.task_batching = "vmap" if vmappable else "loop"
-    return model, cli.datamodule
+    return model, cli.datamodule, cli.trainer.gradient_clip_val
 
 
-def train(model, data, steps: int) -> tuple[float, str]:
+def train(model, data, steps: int, gradient_clip_val: float | None) -> tuple[float, str]:
     """Seconds spent, and a note if training stopped early (a non-finite meta-loss)."""
     trainer = pl.Trainer(
         max_steps=steps,
+        gradient_clip_val=gradient_clip_val,  # the config's: part of the algorithm's recipe
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -160,8 +162,8 @@ def main() -> None:
         seconds[name] = 0.0
         for train_k in train_ks:
             pl.seed_everything(args.seed, verbose=False)
-            model, data = build(ALGORITHMS[name], train_k, args.steps, args.seed)
-            spent, note = train(model, data, args.steps)
+            model, data, clip = build(ALGORITHMS[name], train_k, args.steps, args.seed)
+            spent, note = train(model, data, args.steps, clip)
             seconds[name] += spent
             paths[name] = model.task_batching + (f"; K={train_k} {note}" if note else "")
             for k in args.ks if not args.per_k else [train_k]:
@@ -176,7 +178,7 @@ def main() -> None:
         f"inner steps on K support points. {trained}; {args.steps} meta-steps of 25 tasks each; "
         f"torch threads: {torch.get_num_threads()}; train time on this machine.",
         "",
-        "| algorithm | train time | "
+        "| algorithm | train time (tasks run by) | "
         + " | ".join(f"K={k}, 1 step | K={k}, {EVAL_STEPS} steps" for k in args.ks)
         + " |",
         "|---|---:|" + "---:|---:|" * len(args.ks),
