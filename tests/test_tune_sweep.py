@@ -153,12 +153,15 @@ def test_a_trial_of_two_ddp_workers_runs_through_ray_train_and_reports_each_vali
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     (row,) = csv.DictReader((tmp_path / "sweeps/ddp/results.csv").open())
     assert row["status"] == "TERMINATED" and row["iterations"] == "2"
+    assert "--trainer.devices=2 --trainer.strategy=ddp" in row["replay"]  # tasks_per_batch is per process
+    best = yaml.safe_load((tmp_path / "sweeps/ddp/best.yaml").read_text())["trainer"]
+    assert (str(best["devices"]), best["strategy"], best["accelerator"]) == ("2", "ddp", "cpu")
     trial = Path(row["path"])
     reports = _reports(str(trial))
     assert [r["step"] for r in reports] == [5, 10] and all("val/loss" in r for r in reports)
     # Ray Train kept the last --keep-checkpoints (2) Lightning checkpoints of the run.
     checkpoints = sorted(p for p in (trial / "ray_train").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2 and all((p / "checkpoint.ckpt").is_file() for p in checkpoints)
-    # Rank 0's CSV log; the replay of a 2-worker trial is `--trainer.devices 2 --trainer.strategy ddp`.
+    # Rank 0's CSV log.
     (metrics,) = trial.glob("lightning_logs/version_*/metrics.csv")
     assert any(row.get("val/loss") for row in csv.DictReader(metrics.open()))

@@ -409,6 +409,16 @@ def _tuner(p: _Plan, experiment_path: str, restore: bool) -> Any:
     return ray.tune.Tuner(trainable, param_space=p.space.to_tune(), tune_config=tune_config, run_config=run_config)
 
 
+def replay_arguments(settings: SweepSettings) -> tuple[str, ...]:
+    """The common arguments of a trial's replay command: a Ray Train trial replays with DDP."""
+    args = tuple(settings.trial_args)
+    if settings.workers_per_trial > 1:
+        accelerator = "gpu" if settings.gpus_per_trial else "cpu"
+        args += (f"--trainer.devices={settings.workers_per_trial}", "--trainer.strategy=ddp")
+        args += (f"--trainer.accelerator={accelerator}",)
+    return args
+
+
 def _rows(results: Any, p: _Plan) -> list[TrialRow]:
     s = p.settings
     keys = [q.key for q in p.space.params]
@@ -438,7 +448,7 @@ def _rows(results: Any, p: _Plan) -> list[TrialRow]:
                 time_s=metrics.get("time_total_s"),
                 path=result.path,
                 error=error,
-                replay=replay_command(s.config, s.trial_args, overrides),
+                replay=replay_command(s.config, replay_arguments(s), overrides),
             )
         )
     done = [r.iterations for r in rows if r.status == "TERMINATED"]
@@ -465,7 +475,11 @@ def write_outputs(p: _Plan, rows: list[TrialRow], out: Path) -> tuple[Path, Path
             "Replay it: lightning-meta fit --config <this file>",
             f"or:        {best.replay}",
         ]
-        best_yaml = write_best_yaml(p.checker.dump(best.overrides), out / "best.yaml", header)
+        ddp = {}
+        if s.workers_per_trial > 1:  # a Ray Train trial is this DDP run (tasks_per_batch is per process)
+            ddp = {"trainer.devices": s.workers_per_trial, "trainer.strategy": "ddp"}
+            ddp["trainer.accelerator"] = "gpu" if s.gpus_per_trial else "cpu"
+        best_yaml = write_best_yaml(p.checker.dump({**best.overrides, **ddp}), out / "best.yaml", header)
     plot = plot_metric(rows, p.space, s.metric, p.mode, out / f"{s.metric.replace('/', '_')}.png")
     return csv_path, best_yaml, plot
 
