@@ -6,7 +6,8 @@
 - `best.yaml`: the best trial's fully resolved config, as the CLI parser itself dumps it, so
   `lightning-meta fit --config best.yaml` is that trial, with its replay command in the header.
 - `<metric>.png`: the metric against each swept hyperparameter, one panel each (log axis for
-  log-uniform ones), trials stopped early drawn apart, so the shape of the landscape shows.
+  log-uniform ones, and for the metric when it spans over two decades), trials stopped early
+  drawn apart, so the shape of the landscape shows.
 
 Rows are built from plain dicts (`TrialRow`), not from Ray objects, so this is testable alone.
 """
@@ -123,6 +124,9 @@ def plot_metric(rows: Sequence[TrialRow], space: SearchSpace, metric: str, mode:
         ax.scatter([best_x], [best.last], s=160, facecolors="none", edgecolors="C3", label="best")
         if param.log_scale and numeric:
             ax.set_xscale("log")
+        ys = [r.last for r in points]
+        if min(ys) > 0 and max(ys) > 100 * min(ys):  # a diverging trial would flatten the rest
+            ax.set_yscale("log")
         ax.set_xlabel(param.key.replace(".init_args", ""))
         ax.set_ylabel(f"{metric} (last report)")
         ax.grid(alpha=0.3)
