@@ -342,12 +342,10 @@ VMAP_SETUPS = {
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 @pytest.mark.parametrize("name", sorted(VMAP_SETUPS))
-def test_vmapped_tasks_give_the_loop_meta_gradient(name, float64, monkeypatch):
+def test_vmapped_tasks_give_the_loop_meta_gradient(name, float64):
     from lightning_meta.algorithms import task_parallel
 
-    # vmap_blocker takes a ParameterDict of learned rates (no children) for an unproven layer,
-    # though it computes nothing; exempt it here so the algorithm's own math is what is checked.
-    monkeypatch.setattr(task_parallel, "VMAP_PROVEN", (*task_parallel.VMAP_PROVEN, nn.ParameterDict))
+    # No exemption patched in: the blocker itself must accept the learned-rate ParameterDicts.
     torch.manual_seed(0)
     model, batch = VMAP_SETUPS[name]()
     if batch is None:

@@ -50,6 +50,19 @@ def supervised_loss(predictions: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(predictions, targets)
 
 
+def check_inner_loop_args(inner_lr: float | None, inner_steps: int, eval_inner_steps: int | None) -> int:
+    """Refuse a non-positive inner learning rate or step count, naming the config key; returns
+    `eval_inner_steps` with its default (= `inner_steps`) filled in. `inner_lr=None` skips the
+    rate check for algorithms whose rates are learned."""
+    if inner_lr is not None and not inner_lr > 0:
+        raise ValueError(f"model.init_args.inner_lr={inner_lr} must be > 0 (MAML uses 0.01-0.4)")
+    eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+    for key, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
+        if value < 1:
+            raise ValueError(f"model.init_args.{key}={value} must be at least 1")
+    return eval_inner_steps
+
+
 def mean_and_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and half-width of its 95% normal confidence interval (1.96 × standard error)."""
     n = values.numel()

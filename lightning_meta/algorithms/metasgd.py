@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from lightning_meta.algorithms.base import MetaLearner, TaskOutput, supervised_loss
+from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.inner_loop import adapt, forward, named_params
 from lightning_meta.task import Params, Task
 
@@ -52,13 +52,10 @@ class MetaSGD(MetaLearner):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
-        eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        eval_inner_steps = check_inner_loop_args(None, inner_steps, eval_inner_steps)
         low, high = inner_lr_init
         if not 0 < low <= high:
             raise ValueError(f"model.init_args.inner_lr_init={[low, high]} must be [low, high] with 0 < low <= high")
-        for key, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
-            if value < 1:
-                raise ValueError(f"model.init_args.{key}={value} must be at least 1")
         self.inner_steps, self.eval_inner_steps, self.first_order = inner_steps, eval_inner_steps, first_order
         self.inner_lrs = nn.ParameterDict(
             {

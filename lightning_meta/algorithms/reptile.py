@@ -22,7 +22,7 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from lightning_meta.algorithms.base import MetaLearner, TaskOutput, supervised_loss
+from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.inner_loop import forward, named_params
 from lightning_meta.task import Params, Task
 
@@ -63,12 +63,7 @@ class Reptile(MetaLearner):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, lr_scheduler)
-        eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
-        if not inner_lr > 0:
-            raise ValueError(f"model.init_args.inner_lr={inner_lr} must be > 0")
-        for key, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
-            if value < 1:
-                raise ValueError(f"model.init_args.{key}={value} must be at least 1")
+        eval_inner_steps = check_inner_loop_args(inner_lr, inner_steps, eval_inner_steps)
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"model.init_args.inner_optimizer={inner_optimizer!r} is not 'sgd' or 'adam'")
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps

@@ -39,6 +39,9 @@ VMAP_PROVEN: tuple[type[nn.Module], ...] = (
 )
 """Layer types whose vmapped meta-gradients match the loop's in float64 (second order)."""
 
+PARAMETER_CONTAINERS: tuple[type[nn.Module], ...] = (nn.ParameterDict, nn.ParameterList)
+"""Modules that only hold tensors for the algorithm's own arithmetic (no forward of their own)."""
+
 
 def vmap_blocker(module: nn.Module) -> str | None:
     """Why the tasks cannot be vmapped over `module`'s layers, or None if they can."""
@@ -48,8 +51,11 @@ def vmap_blocker(module: nn.Module) -> str | None:
                 f"{name} is {type(sub).__name__}, whose second-order meta-gradients are wrong under "
                 "vmap (pytorch/functorch#534): use Conv4(norm='plain_batch') or GroupNorm"
             )
-        # The algorithm's own container types (its class, ModuleDicts of learned rates...) hold
-        # no computation of their own: only leaf layers need to be proven.
+        # The algorithm's own containers (its class, ModuleDicts, ParameterDicts of learned rates)
+        # compute nothing themselves: the algorithm's task_loss uses their tensors, and that is
+        # what `supports_vmap` and the family's float64 loop/vmap parity tests vouch for.
+        if isinstance(sub, PARAMETER_CONTAINERS):
+            continue
         if not list(sub.children()) and not isinstance(sub, VMAP_PROVEN):
             return f"{name} is {type(sub).__name__}, not among the layers proven equal to the loop under vmap"
     return None
