@@ -12,10 +12,10 @@ Omniglot N-way 1-shot shapes with synthetic images, timed for:
   higher / torchopt / l2l   the peers' own MAML idioms, each when importable (else skipped, said)
 
 Each (setting, implementation) runs in a fresh subprocess, so its peak memory is its own: peak
-RSS on CPU (high-water mark during the timed steps minus the one after set-up), peak allocated
-on CUDA. Repeats are interleaved across implementations so machine noise hits all alike; the
-table gives the median step time, tasks/s, the ratio to the bare vmap reference and to the
-bare loop, and peak memory.
+RSS on CPU (the high-water mark at the end, warm-up and timed steps included, minus the one
+after set-up, before the first step), peak allocated on CUDA. Repeats are interleaved across
+implementations so machine noise hits all alike; the table gives the median step time,
+tasks/s, the ratio to the bare vmap reference and to the bare loop, and peak memory.
 
     python benchmarks/throughput.py --threads 1 --tasks 8 --steps 3 --repeats 3
     python benchmarks/throughput.py --device cuda --tasks 32 --steps 10   # unchanged on a GPU
@@ -195,7 +195,9 @@ def with_learn2learn(cfg: dict, ways: int, data: tuple, device: torch.device):
     return step
 
 
-def with_lightning_meta(cfg: dict, ways: int, data: tuple, device: torch.device, vmapped: bool, warmup: int):
+def with_lightning_meta(
+    cfg: dict, ways: int, data: tuple, device: torch.device, vmapped: bool, warmup: int, chunk: int | None = None
+):
     import pytorch_lightning as pl
 
     from lightning_meta.algorithms import MAML, ProtoNet
@@ -220,6 +222,7 @@ def with_lightning_meta(cfg: dict, ways: int, data: tuple, device: torch.device,
         model = MAML(backbone(ways, norm, device), cfg["inner_lr"], cfg["steps"], first_order=cfg["first_order"])
     if vmapped:
         model.task_batching = "vmap"
+        model.task_chunk_size = chunk
     times: list[float] = []
     baseline: list[int] = []
 
@@ -227,14 +230,15 @@ def with_lightning_meta(cfg: dict, ways: int, data: tuple, device: torch.device,
         def on_train_batch_start(self, *args) -> None:
             self.start = time.perf_counter()
 
+        def on_train_start(self, *args) -> None:  # memory is counted from here, as for the others
+            baseline.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
         def on_train_batch_end(self, *args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
-            if len(times) == warmup:  # memory is counted from here, as for the others
-                baseline.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
 
     def run(steps: int) -> tuple[list[float], int]:
         trainer = pl.Trainer(
@@ -263,19 +267,20 @@ def worker(args: argparse.Namespace) -> None:
     data = synthetic_batch(args.tasks, args.ways, queries, device)
     if args.impl.startswith("lightning-meta"):
         warmup = max(1, args.warmup)
-        run = with_lightning_meta(cfg, args.ways, data, device, args.impl.endswith("vmap"), warmup)
+        chunk = int(args.impl.split("chunk=")[1]) if "chunk=" in args.impl else None
+        run = with_lightning_meta(cfg, args.ways, data, device, "vmap" in args.impl, warmup, chunk)
         times, base = run(warmup + args.steps)
         times = times[warmup:]
     else:
         make = {"bare vmap": bare_vmap, "bare loop": bare_loop, "higher": with_higher, "torchopt": with_torchopt}
         make["learn2learn"] = with_learn2learn
         step = make[args.impl](cfg, args.ways, data, device)
-        for _ in range(args.warmup):
-            step()
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            step()
         times = []
         for _ in range(args.steps):
             start = time.perf_counter()
@@ -316,6 +321,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--impls", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
+    parser.add_argument(
+        "--vmap-chunks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run 'lightning-meta vmap' with these task_chunk_size values (memory against speed)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
@@ -331,6 +343,7 @@ def main() -> None:
             print(f"skipping {impl}: not importable here")
         else:
             impls.append(impl)
+    impls += [f"lightning-meta vmap chunk={chunk}" for chunk in args.vmap_chunks]
     print(
         f"torch {torch.__version__}, device {args.device}, threads {args.threads}, {args.tasks} tasks/step, "
         f"{args.queries} queries/class, Conv4-64, {args.steps} timed steps x {args.repeats} interleaved repeats"
@@ -342,7 +355,7 @@ def main() -> None:
                 for impl in impls:
                     if not applicable(impl, setting):
                         continue
-                    command = [sys.executable, __file__, "--worker", "--impl", impl, "--setting", setting]
+                    command = [sys.executable, __file__, "--worker", f"--impl={impl}", "--setting", setting]
                     command += ["--ways", str(ways), "--threads", str(args.threads), "--device", args.device]
                     command += ["--tasks", str(args.tasks), "--queries", str(args.queries)]
                     command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -355,7 +368,7 @@ def main() -> None:
                     record = json.loads(out.stdout.strip().splitlines()[-1])
                     entry["times"] += record["times"]
                     entry["peak_mb"].append(record["peak_mb"])
-    header = f"{'shape':8s} {'setting':24s} {'implementation':20s} {'ms/step':>9s} {'tasks/s':>8s} "
+    header = f"{'shape':8s} {'setting':24s} {'implementation':28s} {'ms/step':>9s} {'tasks/s':>8s} "
     header += f"{'vs bare vmap':>12s} {'vs bare loop':>12s} {'peak MB':>8s}"
     print(header)
     for ways in args.ways:
@@ -371,7 +384,7 @@ def main() -> None:
                     continue
                 shape = f"{ways}w1s"
                 if "error" in entry and not entry["times"]:
-                    print(f"{shape:8s} {setting:24s} {impl:20s} failed: {entry['error'][:80]}")
+                    print(f"{shape:8s} {setting:24s} {impl:28s} failed: {entry['error'][:80]}")
                     continue
                 median = medians[impl]
                 ratio = {
@@ -379,7 +392,7 @@ def main() -> None:
                     for ref in ("bare vmap", "bare loop")
                 }
                 print(
-                    f"{shape:8s} {setting:24s} {impl:20s} {1000 * median:9.0f} {args.tasks / median:8.1f} "
+                    f"{shape:8s} {setting:24s} {impl:28s} {1000 * median:9.0f} {args.tasks / median:8.1f} "
                     f"{ratio['bare vmap']:>12s} {ratio['bare loop']:>12s} {statistics.median(entry['peak_mb']):8.0f}"
                 )
     print("ratios are step-time ratios (lower is faster); 'bare vmap' uses PlainBatchNorm2d, the loops nn.BatchNorm2d")

@@ -152,3 +152,36 @@ def test_the_task_batching_callback_sets_the_mode_from_the_trainer_config():
     assert (cli.model.task_batching, cli.model.task_chunk_size) == ("vmap", 5)
     with pytest.raises(ValueError, match="mode='vector' is not one of"):
         TaskBatching(mode="vector")
+
+
+def test_chunk_for_memory_fits_the_budget():
+    from lightning_meta.algorithms.task_parallel import chunk_for_memory
+
+    assert chunk_for_memory(32, bytes_per_task=100.0, free=10_000, fraction=0.5) == 32
+    assert chunk_for_memory(32, bytes_per_task=1000.0, free=10_000, fraction=0.5) == 5
+    assert chunk_for_memory(32, bytes_per_task=1e9, free=10_000, fraction=0.5) == 1  # never 0
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_vmap_chunks_are_sized_from_measured_memory_and_keep_the_meta_gradient(monkeypatch):
+    from lightning_meta.algorithms import task_parallel
+
+    if task_parallel.memory_mark(torch.device("cpu")) is None:
+        pytest.skip("this host cannot measure its peak resident memory (/proc/self/clear_refs)")
+    model, batch = maml("plain_batch"), conv_batch(tasks=4)
+    reference_loss, reference = meta_gradient(model, batch, "loop", None)
+    # First vmapped step: whole, and it measures the bytes one vmapped task takes.
+    meta_gradient(model, batch, "vmap", None)
+    per_task = model._bytes_per_vmapped_task
+    assert per_task is not None and per_task > 0
+    assert model._chunk_size("vmap", len(batch)) == len(batch)  # this machine has room for 4
+    # With free memory for about 1.5 tasks at the host's fraction, chunks of 1 follow.
+    monkeypatch.setattr(task_parallel, "memory_free", lambda device: int(1.5 * per_task / 0.5))
+    sizes = []
+    real_split = task_parallel.split
+    monkeypatch.setattr(task_parallel, "split", lambda b, size: sizes.append(size) or real_split(b, size))
+    loss, grads = meta_gradient(model, batch, "vmap", None)
+    assert sizes == [1]
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-12, atol=1e-12)
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-9, atol=1e-11, msg=name)

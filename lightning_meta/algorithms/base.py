@@ -99,8 +99,10 @@ class MetaLearner(pl.LightningModule):
 
     task_chunk_size: int | None = None
     """Tasks whose graphs are alive at once while the meta-gradient accumulates. None: 1 for
-    the loop; for vmap all the tasks on CPU, and on CUDA as many as fit in 80% of free memory
-    (measured on the first vmapped step)."""
+    the loop; for vmap, as many as fit in `task_parallel.MEMORY_FRACTION` of the free memory
+    (80% of free device memory on CUDA, 50% of the host's MemAvailable on CPU), from the peak
+    measured on the first vmapped step, which runs whole; all the tasks where memory cannot be
+    measured. Set it to trade speed for memory: peak memory grows about linearly with it."""
 
     _AUTOTUNE_STEPS = 4
     """Auto mode times loop, vmap, loop, vmap on the first steps and compares the last two."""
@@ -179,20 +181,23 @@ class MetaLearner(pl.LightningModule):
             return self.task_chunk_size
         if batching == "loop":
             return 1
-        if self.device.type == "cuda" and self._bytes_per_vmapped_task:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, min(tasks, int(0.8 * free / self._bytes_per_vmapped_task)))
-        return tasks
+        # vmap: as many tasks per chunk as the free memory holds, measured on the first vmapped
+        # step (which runs whole); all of them where memory cannot be measured.
+        free = task_parallel.memory_free(self.device) if self._bytes_per_vmapped_task else None
+        if free is None:
+            return tasks
+        fraction = task_parallel.MEMORY_FRACTION.get(self.device.type, 0.5)
+        return task_parallel.chunk_for_memory(tasks, self._bytes_per_vmapped_task, free, fraction)
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         batching = self._batching()
         timing = self.task_batching == "auto" and self._chosen_batching is None
-        on_cuda = self.device.type == "cuda"
-        if timing or (on_cuda and batching == "vmap" and self._bytes_per_vmapped_task is None):
-            if on_cuda:
+        sizing = batching == "vmap" and self._bytes_per_vmapped_task is None and self.task_chunk_size is None
+        start_bytes = task_parallel.memory_mark(self.device) if sizing else None
+        if timing:
+            if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-            start, start_bytes = time.perf_counter(), torch.cuda.memory_allocated(self.device) if on_cuda else 0
+            start = time.perf_counter()
         chunks = task_parallel.split(batch, self._chunk_size(batching, len(batch)))
         if len(chunks) == 1:
             loss, stats = self.meta_loss(batch, batching)
@@ -210,14 +215,12 @@ class MetaLearner(pl.LightningModule):
             loss, grads = task_parallel.chunk_gradients(weighted_losses(), params)
             stats = {key: torch.cat([s[key] for s in chunk_stats]) for key in chunk_stats[0]}
             objective = task_parallel.surrogate_loss(loss, params, grads)
-        if timing or (on_cuda and batching == "vmap" and self._bytes_per_vmapped_task is None):
-            if on_cuda:
+        if start_bytes is not None and (peak := task_parallel.memory_peak(self.device)) is not None:
+            self._bytes_per_vmapped_task = max(peak - start_bytes, 1) / len(chunks[0])
+        if timing:
+            if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-                if batching == "vmap":
-                    peak = torch.cuda.max_memory_allocated(self.device) - start_bytes
-                    self._bytes_per_vmapped_task = peak / len(chunks[0])
-            if timing:
-                self._record_batching_time(batching, time.perf_counter() - start)
+            self._record_batching_time(batching, time.perf_counter() - start)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{type(self).__name__}: meta-loss is {loss.item()} at global step {self.global_step} "

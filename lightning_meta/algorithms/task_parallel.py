@@ -14,7 +14,9 @@ freed before the next, so the loop holds one task's graph at a time and vmap one
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +61,56 @@ def vmap_blocker(module: nn.Module) -> str | None:
         if not list(sub.children()) and not isinstance(sub, VMAP_PROVEN):
             return f"{name} is {type(sub).__name__}, not among the layers proven equal to the loop under vmap"
     return None
+
+
+# Memory, for sizing vmap chunks: device memory on CUDA; on a Linux host the process's resident
+# set (its high-water mark reset through /proc/self/clear_refs) against MemAvailable.
+
+MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.5}
+"""Share of the free memory one vmapped chunk may take (the host's is shared with data workers)."""
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    try:
+        found = re.search(rf"^{field}:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
+
+
+def memory_mark(device: torch.device) -> int | None:
+    """Start a peak measurement; the bytes in use now (None where it cannot be measured)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        return None
+    return _proc_kib("/proc/self/status", "VmRSS")
+
+
+def memory_peak(device: torch.device) -> int | None:
+    """Peak bytes in use since `memory_mark`."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_kib("/proc/self/status", "VmHWM") if device.type == "cpu" else None
+
+
+def memory_free(device: torch.device) -> int | None:
+    """Bytes a new allocation can still take."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _proc_kib("/proc/meminfo", "MemAvailable") if device.type == "cpu" else None
+
+
+def chunk_for_memory(tasks: int, bytes_per_task: float, free: int, fraction: float) -> int:
+    """The most tasks (at least 1, at most `tasks`) whose vmapped step fits `fraction × free`."""
+    return max(1, min(tasks, int(fraction * free / max(bytes_per_task, 1.0))))
 
 
 def split(batch: TaskBatch, chunk_size: int) -> list[TaskBatch]:
