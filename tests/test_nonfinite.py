@@ -81,3 +81,30 @@ def test_skip_drops_the_step_counts_and_logs_it_and_training_goes_on(tmp_path, a
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lightning_meta"]["skipped_steps"] == 2
     log = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "train/skipped_steps" in log.splitlines()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("action", ["skip", "raise"])
+def test_under_ddp_a_nan_on_one_rank_makes_every_rank_skip_or_stop_together(tmp_path, action):
+    from tests.test_resume import SINUSOID_MAML, fit
+
+    result = fit(
+        tmp_path,
+        SINUSOID_MAML,
+        "--trainer.callbacks+=tests.fault_callbacks.NanOnRank",
+        "--trainer.callbacks.step=4",
+        "--trainer.callbacks.rank=1",
+        "--trainer.callbacks+=lightning_meta.callbacks.NonFinite",
+        f"--trainer.callbacks.action={action}",
+        devices=2,
+    )  # a rank deciding alone would leave the other waiting in the gradient all-reduce: a timeout
+    if action == "raise":
+        assert result.returncode != 0
+        assert "MAML: meta-gradient is not finite" in result.stderr or "MAML: meta-loss is nan" in result.stderr
+        assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["global_step"] == 12 and last["lightning_meta"]["skipped_steps"] == 1
+        assert all(torch.isfinite(v).all() for v in last["state_dict"].values())

@@ -100,7 +100,7 @@ def check_resume(tmp_path: Path, setup: list[str], devices: int = 1) -> None:
     killed = fit(
         broken,
         setup,
-        "--trainer.callbacks+=tests.resume_helpers.SigkillAt",
+        "--trainer.callbacks+=tests.fault_callbacks.SigkillAt",
         f"--trainer.callbacks.step={KILL_AT}",
         devices=devices,
     )
