@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_meta.checkpoint_io import atomic_write_bytes
 from tune.report import TrialRow, plot_metric, rank, write_best_yaml, write_results_csv
 from tune.space import ConfigChecker, SearchSpace, SpaceError, metric_mode, parse_space, replay_command
 from tune.trial import TrialSpec, run_trial
@@ -534,7 +535,7 @@ def run_sweep(settings: SweepSettings) -> SweepOutcome:
             Path(experiment_path).mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in dataclasses.asdict(s).items() if k not in RUNTIME_OPTIONS}
             saved |= {"name": s.name, "space_data": {q.key: _entry(q) for q in p.space.params}}
-            (Path(experiment_path) / SETTINGS_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+            atomic_write_bytes(Path(experiment_path) / SETTINGS_FILE, (json.dumps(saved, indent=2) + "\n").encode())
         if spec.workers > 1 and s.max_concurrent is None:
             p.settings = s = dataclasses.replace(s, max_concurrent=_ray_train_concurrency(spec))
         results = _tuner(p, experiment_path, restore).fit()
