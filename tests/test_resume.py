@@ -138,3 +138,15 @@ def test_a_sigkilled_run_resumed_from_last_ckpt_equals_an_uninterrupted_run(name
 @pytest.mark.distributed
 def test_a_sigkilled_two_process_ddp_run_resumes_exactly(tmp_path):
     check_resume(tmp_path, SINUSOID_MAML, devices=2)
+
+
+def test_a_resumed_sampler_starts_at_the_saved_global_batch_once_then_runs_whole_epochs():
+    from lightning_meta.data.sampler import MetaBatchSampler
+
+    sampler = MetaBatchSampler(tasks_per_batch=2, batches_per_epoch=5, num_replicas=2, rank=1)
+    sampler.resume_at = 7  # epoch 1, its third batch
+    assert list(sampler) == [(30, 31), (34, 35), (38, 39)]  # global batch 7 = tasks 28..31 on, rank 1 takes 30, 31
+    assert sampler.epoch == 1 and len(list(sampler)) == 5
+    fresh = MetaBatchSampler(tasks_per_batch=2, batches_per_epoch=5, num_replicas=2, rank=1)
+    fresh.set_epoch(1)
+    assert list(fresh)[2:] == [(30, 31), (34, 35), (38, 39)]
