@@ -145,22 +145,22 @@ def test_a_crashing_trial_is_retried_from_its_checkpoint_up_to_max_failures_then
 
 def test_a_sigkilled_driver_resumes_without_rerunning_trials_finished_before_its_last_snapshot(head, tmp_path):
     args = (*TINY, "--trainer.max_steps=40")  # 8 validations a trial
-    space = "model.init_args.step_sleep: {grid: [0.0, 0.5]}\n"  # the second trial is slow: time to kill
+    space = "model.init_args.step_sleep: {grid: [0.0, 1.0]}\n"  # the second trial is slow: time to kill
     options = ("--name", "killed", "--max-concurrent", "1", "--scheduler", "fifo", "--address", head)
     command = _sweep(tmp_path, space, *options, trial_args=args)
     command += ["--model.class_path=tests.tune_helpers.CrashingMAML"]
     log = (tmp_path / "first.log").open("w")
     sweep = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     experiment = tmp_path / "sweeps/killed"
-    deadline = time.time() + 300
+    deadline, first_ended = time.time() + 300, None
     try:
         while True:
             trials = sorted(experiment.glob("run_trial_*"))
-            states = list(experiment.glob("experiment_state-*.json"))
-            started = len(trials) == 2 and len(_reports(trials[0])) == 8 and len(_reports(trials[1])) >= 2
-            # Tune snapshots its state every 10 s and after every `num_to_keep` (2) checkpoints of
-            # a trial: wait for one taken after trial 0 ended.
-            if started and states and max(p.stat().st_mtime for p in states) > _mtime(trials[0] / "result.json"):
+            if first_ended is None and trials and len(_reports(trials[0])) == 8:
+                first_ended = time.time()
+            # Tune saves its state every >= 10 s and syncs it to storage every 10 s
+            # (tune.sweep.LOCAL_SYNC_PERIOD_S): 25 s after trial 0 ended, storage knows it did.
+            if first_ended and time.time() > first_ended + 25 and len(trials) == 2 and _reports(trials[1]):
                 break
             assert sweep.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             assert time.time() < deadline, "the first trial did not finish in time"
