@@ -37,3 +37,33 @@ class TaskBatching(pl.Callback):
         if not isinstance(pl_module, MetaLearner):
             raise TypeError(f"TaskBatching works with MetaLearner modules, not {type(pl_module).__name__}")
         pl_module.task_batching, pl_module.task_chunk_size = self.mode, self.chunk_size
+        # Refuse now, not at the first training step after a sanity check.
+        if self.mode == "vmap" and (reason := pl_module._check_vmap()):
+            raise ValueError(f"TaskBatching mode='vmap' cannot be used: {reason}; use mode 'loop' or 'auto'")
+
+
+class NonFinite(pl.Callback):
+    """What a non-finite (NaN or inf) meta-loss or meta-gradient does to training.
+
+    By default (without this callback) training stops with a FloatingPointError naming the
+    step, the algorithm and the learning rates to lower, before that step changes any weight,
+    so the last checkpoint holds good weights. `action: skip` drops such optimizer steps
+    instead, counts them (`train/skipped_steps`) and warns for each. Under DDP the decision is
+    taken on the all-reduced meta-gradient, the same on every rank, so all ranks skip (or stop)
+    together.
+
+    Args:
+        action: "raise" or "skip".
+    """
+
+    ACTIONS = ("raise", "skip")
+
+    def __init__(self, action: str = "raise") -> None:
+        if action not in self.ACTIONS:
+            raise ValueError(f"NonFinite action={action!r} is not one of {self.ACTIONS}")
+        self.action = action
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, MetaLearner):
+            raise TypeError(f"NonFinite works with MetaLearner modules, not {type(pl_module).__name__}")
+        pl_module.nonfinite = self.action

@@ -4,22 +4,29 @@ Algorithms, backbones and DataModules are chosen by import path in YAML (`class_
 CLI is the registry and a new algorithm needs no code here. What this file adds to Lightning's
 CLI: defaults that meta-learning needs (`inference_mode=False`, since evaluation adapts with
 gradients; W&B + CSV logging, W&B offline unless the user is logged in; a checkpoint callback
-that keeps `last.ckpt`), the number of ways linked to the backbone's output size, and
-`--test_after_fit`.
+that keeps `last.ckpt`, written atomically), the number of ways linked to the backbone's
+output size, `--test_after_fit`, and a "did you mean" for a mistyped option.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import netrc
 import os
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
+import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from lightning_meta.algorithms.base import MetaLearner
+from lightning_meta.checkpoint_io import AtomicCheckpointIO
 from lightning_meta.data.datamodule import EpisodicDataModule
 
 
@@ -45,6 +52,84 @@ def _get(namespace: Any, dotted: str) -> Any:
             return None
         namespace = namespace[key]
     return namespace
+
+
+def _signature_names(class_path: str) -> list[str]:
+    try:
+        cls = _import(class_path)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    return [name for name in inspect.signature(cls).parameters if name not in ("self", "args", "kwargs")]
+
+
+def unknown_option_hint(message: str, known: list[str]) -> str | None:
+    """A "did you mean" line for jsonargparse's unknown-option errors, or None.
+
+    Args:
+        message: jsonargparse's error message.
+        known: the parser's option names (dotted, without dashes).
+    """
+    if (match := re.search(r"Option '([^']+)' is not accepted", message)) and "class_path '" in message:
+        # A class's own argument: its candidates are the class's signature.
+        bad = match.group(1)
+        classes = re.findall(r"class_path '([\w.]+)'", message)
+        candidates = [name for path in classes for name in _signature_names(path)]
+        where = f" of {classes[-1]}" if classes else ""
+        group = re.search(r'Parser key "([^"]+)"', message)
+        more = f"`lightning-meta fit --{group.group(1)}.help {classes[-1]}`" if group and classes else None
+    elif match := re.search(r"(Group|Subcommand) '([^']+)' does not accept option '([^']+)'", message):
+        kind, group, bad = match.groups()
+        return _dotted_hint(f"{group}.{bad}" if kind == "Group" else bad, known)
+    elif match := re.search(
+        r"(?:Key|Option) '([^']+)' is not (?:expected|accepted)|unrecognized arguments: (\S+)", message
+    ):
+        return _dotted_hint((match.group(1) or match.group(2)).lstrip("-").split("=")[0], known)
+    else:
+        return None
+    close = difflib.get_close_matches(bad, candidates, n=3, cutoff=0.6)
+    if close:
+        return f"'{bad}' is not an option{where}; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"'{bad}' is not an option{where}; {more or '`lightning-meta fit --help`'} lists the options"
+
+
+def _dotted_hint(bad: str, known: list[str]) -> str:
+    """Suggest for the first segment of a dotted key that no known option starts with."""
+    parts = bad.split(".")
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i])
+        children = {k.split(".")[i] for k in known if k.split(".")[:i] == parts[:i] and len(k.split(".")) > i}
+        if parts[i] in children:
+            continue
+        close = difflib.get_close_matches(parts[i], sorted(children), n=3, cutoff=0.6)
+        where = f" of {prefix}" if prefix else ""
+        if close:
+            options = " or ".join(repr(".".join([*parts[:i], c])) for c in close)
+            return f"'{bad}': '{parts[i]}' is not an option{where}; did you mean {options}?"
+        return f"'{bad}': '{parts[i]}' is not an option{where}; `lightning-meta fit --help` lists the options"
+    return f"'{bad}' is not an option; `lightning-meta fit --help` lists the options"
+
+
+class MetaArgumentParser(LightningArgumentParser):
+    """Errors end with a "did you mean" for a mistyped option, after a one-line usage (not the
+    full list of every option, which buries the error)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # Only where the error is printed (a subcommand's parser raises to the main one).
+        if self.exit_on_error and (hint := unknown_option_hint(message, self._option_names())):
+            message = f"{message}\n{hint}"
+        super().error(message, ex)
+
+    def _option_names(self) -> list[str]:
+        parsers, names = [self], []
+        while parsers:
+            parser = parsers.pop()
+            for action in parser._actions:
+                names.append(action.dest)
+                parsers.extend(getattr(action, "_name_parser_map", {}).values())
+        return names
+
+    def print_usage(self, file: IO[str] | None = None) -> None:
+        (file or sys.stdout).write(f"usage: {self.prog.replace(' [options]', '')} [--help] [--config CONFIG] ...\n")
 
 
 class LightningMetaCLI(LightningCLI):
@@ -82,6 +167,19 @@ class LightningMetaCLI(LightningCLI):
             os.environ["WANDB_MODE"] = "offline"
             print("lightning-meta: W&B is not logged in; logging offline (`wandb sync` uploads later)")
         self._link_ways_to_head(config)
+        self._check_inference_mode(config)
+
+    @staticmethod
+    def _check_inference_mode(config: Any) -> None:
+        """Refuse before training what would fail only at the test after hours of it."""
+        model_class = _get(config, "model.class_path")
+        if not (config.get("test_after_fit") and _get(config, "trainer.inference_mode") and model_class):
+            return
+        if getattr(_import(model_class), "adapts_with_gradients", False):
+            raise ValueError(
+                f"trainer.inference_mode=true with --test_after_fit: {model_class} adapts with gradients "
+                "at test time, which inference mode forbids; use --trainer.inference_mode=false (the default)"
+            )
 
     @staticmethod
     def _link_ways_to_head(config: Any) -> None:
@@ -108,6 +206,13 @@ class LightningMetaCLI(LightningCLI):
                 "the head must have one output per way; remove out_features to link it to the ways"
             )
 
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Atomic checkpoint writes, unless the user chose a CheckpointIO of their own.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def after_fit(self) -> None:
         if self.config.fit.test_after_fit:
             # The final weights, not a reloaded checkpoint: what was just trained is tested.
@@ -127,6 +232,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> LightningMetaCLI
     return LightningMetaCLI(
         MetaLearner,
         EpisodicDataModule,
+        parser_class=MetaArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,

@@ -19,6 +19,7 @@ class SyntheticClassesDataModule(EpisodicDataModule):
         tasks_per_batch: see `EpisodicDataModule`.
         val_tasks: see `EpisodicDataModule`.
         seed: see `EpisodicDataModule`.
+        batches_per_epoch: see `EpisodicDataModule`.
     """
 
     def __init__(
@@ -31,8 +32,9 @@ class SyntheticClassesDataModule(EpisodicDataModule):
         tasks_per_batch: int = 2,
         val_tasks: int = 4,
         seed: int = 0,
+        batches_per_epoch: int = 10,
     ) -> None:
-        super().__init__(tasks_per_batch, 10, val_tasks, val_tasks, None, seed, 0, 0)
+        super().__init__(tasks_per_batch, batches_per_epoch, val_tasks, val_tasks, None, seed, 0, 0)
         self.ways, self.shots, self.query_shots = ways, shots, query_shots
         g = torch.Generator().manual_seed(1234)
         centres = torch.randn(num_classes, 1, 1, image_size, image_size, generator=g)

@@ -42,15 +42,44 @@ class CrashingMAML(MAML):
 
     Args:
         crash_at_step: the global step at which `training_step` raises (None: never).
+        crash_times: crash on the first this many attempts only (None: on every attempt); the
+            attempts are counted in `attempts_file`.
+        attempts_file: with ".<crash_times>" appended, a file that gets one line per attempt
+            (start of training): the global step it started from.
+        step_sleep: seconds to sleep in every training step (a slow trial, to be caught running).
     """
 
-    def __init__(self, *args: Any, crash_at_step: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        crash_at_step: int | None = None,
+        crash_times: int | None = None,
+        attempts_file: str | None = None,
+        step_sleep: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.crash_at_step = crash_at_step
+        self.crash_at_step, self.crash_times, self.attempts_file = crash_at_step, crash_times, attempts_file
+        self.step_sleep = step_sleep
+
+    def _attempts_path(self) -> Path | None:
+        return Path(f"{self.attempts_file}.{self.crash_times}") if self.attempts_file else None
+
+    def _attempts(self) -> int:
+        path = self._attempts_path()
+        return len(path.read_text().splitlines()) if path and path.is_file() else 0
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if path := self._attempts_path():
+            with path.open("a") as f:
+                f.write(f"{self.global_step}\n")
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
-        if self.crash_at_step is not None and self.global_step >= self.crash_at_step:
+        crashes = self.crash_times is None or self._attempts() <= self.crash_times
+        if self.crash_at_step is not None and self.global_step >= self.crash_at_step and crashes:
             raise RuntimeError(f"CrashingMAML: deliberate crash at step {self.global_step}")
+        time.sleep(self.step_sleep)
         return super().training_step(batch, batch_idx)
 
 

@@ -15,12 +15,14 @@ Rows are built from plain dicts (`TrialRow`), not from Ray objects, so this is t
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_meta.checkpoint_io import atomic_write_bytes
 from tune.space import SearchSpace, format_value
 
 
@@ -72,7 +74,8 @@ def write_results_csv(rows: Sequence[TrialRow], path: Path, metric: str, keys: S
     """Write the results table (see the module docstring); returns `path`."""
     columns = ["trial_id", "status", "stopped_early", "iterations", "step", f"{metric} (last)", f"{metric} (best)"]
     columns += [*keys, "time_s", "error", "path", "replay"]
-    with path.open("w", newline="") as file:
+    # Written whole or not at all: a killed driver never leaves a half table (atomic_write_bytes).
+    with io.StringIO(newline="") as file:
         writer = csv.writer(file)
         writer.writerow(columns)
         for r in rows:
@@ -80,13 +83,14 @@ def write_results_csv(rows: Sequence[TrialRow], path: Path, metric: str, keys: S
             values += [format_value(r.overrides[k]) if k in r.overrides else "" for k in keys]
             values += [None if r.time_s is None else round(r.time_s, 2), r.error, r.path, r.replay]
             writer.writerow(["" if v is None else v for v in values])
+        atomic_write_bytes(path, file.getvalue().encode())
     return path
 
 
 def write_best_yaml(resolved: str, path: Path, header: Sequence[str]) -> Path:
     """Write a resolved config with `header` lines as comments on top; returns `path`."""
     lines = [f"# {line}".rstrip() for line in header]
-    path.write_text("\n".join(lines) + "\n" + resolved)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n" + resolved).encode())
     return path
 
 
@@ -133,6 +137,8 @@ def plot_metric(rows: Sequence[TrialRow], space: SearchSpace, metric: str, mode:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{metric} ({'lower' if mode == 'min' else 'higher'} is better), {len(points)} trials")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=110, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
     return path

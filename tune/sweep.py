@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_meta.checkpoint_io import atomic_write_bytes
 from tune.report import TrialRow, plot_metric, rank, write_best_yaml, write_results_csv
 from tune.space import ConfigChecker, SearchSpace, SpaceError, metric_mode, parse_space, replay_command
 from tune.trial import TrialSpec, run_trial
@@ -29,6 +30,8 @@ from tune.trial import TrialSpec, run_trial
 SETTINGS_FILE = "sweep.json"
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCHES = ("random", "optuna")
+LOCAL_SYNC_PERIOD_S = 10
+"""Seconds between syncs of the sweep's state to local storage (Tune's default is 300)."""
 RUNTIME_OPTIONS = ("resume", "address", "num_cpus", "ray_temp_dir", "verbose", "storage_path", "name", "max_concurrent")
 """Options that may differ when a sweep is resumed: where and how it runs, not what it is."""
 
@@ -391,7 +394,12 @@ def _tuner(p: _Plan, experiment_path: str, restore: bool) -> Any:
         callbacks=callbacks,
         failure_config=ray.tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
-        sync_config=ray.tune.SyncConfig(sync_artifacts=not spec.local_storage),
+        # Tune restores a sweep from the state it last synced to storage, every 5 minutes by
+        # default: a driver killed (SIGKILL, a lost node) would rerun the trials that ended
+        # since. A local copy is cheap, so sync it as often as the state is saved (~10 s).
+        sync_config=ray.tune.SyncConfig(
+            sync_artifacts=not spec.local_storage, sync_period=LOCAL_SYNC_PERIOD_S if spec.local_storage else 300
+        ),
         verbose=s.verbose,
     )
     tune_config = ray.tune.TuneConfig(
@@ -534,7 +542,7 @@ def run_sweep(settings: SweepSettings) -> SweepOutcome:
             Path(experiment_path).mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in dataclasses.asdict(s).items() if k not in RUNTIME_OPTIONS}
             saved |= {"name": s.name, "space_data": {q.key: _entry(q) for q in p.space.params}}
-            (Path(experiment_path) / SETTINGS_FILE).write_text(json.dumps(saved, indent=2) + "\n")
+            atomic_write_bytes(Path(experiment_path) / SETTINGS_FILE, (json.dumps(saved, indent=2) + "\n").encode())
         if spec.workers > 1 and s.max_concurrent is None:
             p.settings = s = dataclasses.replace(s, max_concurrent=_ray_train_concurrency(spec))
         results = _tuner(p, experiment_path, restore).fit()

@@ -13,10 +13,12 @@ the query loss and predictions.
 from __future__ import annotations
 
 import math
+import random
 import time
 from abc import abstractmethod
 from typing import NamedTuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,33 @@ def check_inner_loop_args(inner_lr: float | None, inner_steps: int, eval_inner_s
     return eval_inner_steps
 
 
+def _nan_poison(module: nn.Module) -> Tensor:
+    """A scalar NaN whose gradient is NaN for every trainable parameter."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return sum(p.sum() for p in params) * float("nan")
+
+
+def rng_states() -> dict:
+    """The global random states a training step could draw from: torch (CPU and CUDA), numpy, random."""
+    # Tensors and plain Python values only, so `torch.load(weights_only=True)` reads them.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    states = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def mean_and_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and half-width of its 95% normal confidence interval (1.96 × standard error)."""
     n = values.numel()
@@ -104,6 +133,12 @@ class MetaLearner(pl.LightningModule):
     measured on the first vmapped step, which runs whole; all the tasks where memory cannot be
     measured. Set it to trade speed for memory: peak memory grows about linearly with it."""
 
+    nonfinite: str = "raise"
+    """What a non-finite meta-loss or meta-gradient does: "raise" stops training with a
+    FloatingPointError before the step changes any weight; "skip" drops that optimizer step
+    (counted in `skipped_steps`, logged as `train/skipped_steps`). Set it on the instance, or
+    from the CLI with the `lightning_meta.callbacks.NonFinite` callback."""
+
     _AUTOTUNE_STEPS = 4
     """Auto mode times loop, vmap, loop, vmap on the first steps and compares the last two."""
 
@@ -122,6 +157,9 @@ class MetaLearner(pl.LightningModule):
         self._chosen_batching: str | None = None
         self._batching_times: list[tuple[str, float]] = []
         self._bytes_per_vmapped_task: float | None = None
+        self._nonfinite_loss: float | None = None
+        self._rng_to_restore: dict | None = None
+        self.skipped_steps = 0
 
     @abstractmethod
     def task_loss(self, task: Task) -> TaskOutput:
@@ -222,14 +260,52 @@ class MetaLearner(pl.LightningModule):
                 torch.cuda.synchronize(self.device)
             self._record_batching_time(batching, time.perf_counter() - start)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{type(self).__name__}: meta-loss is {loss.item()} at global step {self.global_step} "
-                f"(batch {batch_idx}); the usual cause is an inner or outer learning rate too high: "
-                "lower model.init_args.inner_lr or the optimizer's lr"
-            )
+            # Under DDP the decision must be the same on every rank, so it is taken on the
+            # all-reduced gradient (`on_before_optimizer_step`), identical on all ranks. A NaN
+            # in every gradient entry makes this rank's non-finite loss reach that gradient
+            # whatever the graph: NaN survives the sum over ranks.
+            self._nonfinite_loss = float(loss.detach())
+            objective = objective + _nan_poison(self)
         for key, value in stats.items():
             self.log(f"train/{key}", value.mean(), prog_bar=key in ("loss", "acc"), batch_size=len(batch))
         return objective
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop, or skip the step, when the meta-gradient is not finite (see `nonfinite`).
+
+        One host sync per step (`bool()` of a flag): measured on CPU at 0.08 ms for the sinusoid
+        MLP (a MAML step of 25 tasks takes ~90 ms) and 0.9 ms for Conv4-64; on a GPU the sync
+        waits for the backward to finish, which the optimizer step would wait for anyway.
+        """
+        local_loss, self._nonfinite_loss = self._nonfinite_loss, None
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # The largest |entry| of each gradient is finite exactly when all its entries are (NaN
+        # propagates through the max); one fused kernel over all tensors where foreach has one.
+        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+        if finite:
+            return
+        if local_loss is not None:
+            what = f"meta-loss is {local_loss}"
+        else:
+            what = "meta-gradient is not finite (NaN or inf; on this rank the meta-loss was finite)"
+        where = f"{type(self).__name__}: {what} at global step {self.global_step}"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(
+                f"{where}; the usual cause is an inner or outer learning rate too high: lower "
+                f"{self._lr_keys()}. Training stopped before this step changed any weight, so the "
+                "last checkpoint holds the weights before it (resume with --ckpt_path). To skip such "
+                "steps instead, add the callback lightning_meta.callbacks.NonFinite with action: skip"
+            )
+        # Skip: with no gradients the optimizer leaves every parameter and its own state alone.
+        for p in self.parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        pl.utilities.rank_zero_warn(f"{where}: skipped this optimizer step ({self.skipped_steps} skipped so far)")
+        self.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=True)
+
+    def _lr_keys(self) -> str:
+        keys = "model.init_args.inner_lr or " if "inner_lr" in self.hparams else ""
+        return keys + "the outer rate model.init_args.optimizer.init_args.lr"
 
     def _eval_step(self, batch: TaskBatch, stage: str) -> None:
         if self.adapts_with_gradients and torch.is_inference_mode_enabled():
@@ -278,8 +354,45 @@ class MetaLearner(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What Lightning does not save and an exactly resumed run needs: the global random
+        # states (this rank's; tasks are drawn from their own seeded generators, not from
+        # these), the task-batching path chosen (loop and vmap round differently), and the
+        # count of skipped steps.
+        checkpoint["lightning_meta"] = {
+            "rng": rng_states(),
+            "chosen_batching": self._chosen_batching,
+            "batching_times": list(self._batching_times),
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("lightning_meta")
+        if state is None:  # a checkpoint from before these were saved
+            return
+        self._chosen_batching = state["chosen_batching"]
+        self._batching_times = [tuple(t) for t in state["batching_times"]]
+        self.skipped_steps = state["skipped_steps"]
+        self._rng_to_restore = state["rng"]
+
+    def on_train_start(self) -> None:
+        # After the sanity-check validation, which the uninterrupted run ran before training too.
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types
-        optimizer = self.optimizer(self.parameters())
+        key = "model.init_args.optimizer.init_args.lr"
+        try:
+            optimizer = self.optimizer(self.parameters())
+        except ValueError as e:  # torch's own "Invalid learning rate: -0.001" names no config key
+            raise ValueError(f"{type(self).__name__}'s outer optimizer: {e}; check {key} (> 0)") from e
+        for group in optimizer.param_groups:
+            lr = group.get("lr")
+            if isinstance(lr, (int, float)) and not lr > 0:
+                raise ValueError(
+                    f"{key}={lr}: the outer learning rate must be > 0, or training changes nothing (Adam's usual 1e-3)"
+                )
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)

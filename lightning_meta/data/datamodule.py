@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
@@ -24,6 +25,34 @@ def _check_positive(**values: int) -> None:
     for key, value in values.items():
         if value < 1:
             raise ValueError(f"data.{key}={value} must be a positive integer")
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch: its state is the global index of the next
+    meta-batch to train on, read from the trainer's progress when a checkpoint is written.
+
+    Lightning saves the `state_dict` of a loader that has one and hands it back on resume;
+    for any other loader it restarts the epoch from its first batch, so a run resumed
+    mid-epoch would train on batches it had already seen. Tasks are a pure function of their
+    global index (`sampler.py`), so that index is the whole state of the data.
+    """
+
+    def __init__(self, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        if self._trainer is None:
+            return {}
+        # Batches trained on in this epoch: `processed` is already counted when a checkpoint is
+        # written at the end of a training batch or after validation.
+        done = self._trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"next_batch": self._trainer.current_epoch * sampler.batches_per_epoch + done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if "next_batch" in state_dict:
+            self.sampler.resume_at = state_dict["next_batch"]
 
 
 class EpisodicDataModule(pl.LightningDataModule):
@@ -86,13 +115,17 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.setup()
         trainer = self.trainer
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return DataLoader(
+        loader_class, extra = DataLoader, {}
+        if isinstance(sampler, MetaBatchSampler):
+            loader_class, extra = ResumableLoader, {"trainer": trainer}
+        return loader_class(
             TaskStream(self.sources[split], self.eval_seed if stream != TRAIN else self.seed, stream),
             batch_size=None,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=on_gpu,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -100,12 +133,23 @@ class EpisodicDataModule(pl.LightningDataModule):
         sampler = MetaBatchSampler(self.tasks_per_batch, self.batches_per_epoch, world, rank)
         return self._loader("train", TRAIN, sampler)
 
+    def _check_eval_tasks(self, key: str, num_tasks: int, world: int) -> None:
+        # A process without evaluation tasks would skip the gather the others wait in: a hang.
+        if num_tasks < world:
+            raise ValueError(
+                f"data.{key}={num_tasks} fixed tasks cannot be dealt to {world} processes "
+                f"(trainer.devices × trainer.num_nodes): every process needs at least one; set "
+                f"data.{key} to at least {world}, or use fewer devices"
+            )
+
     def val_dataloader(self) -> DataLoader:
         world, rank = self._rank()
+        self._check_eval_tasks("val_tasks", self.val_tasks, world)
         return self._loader("val", VAL, FixedTaskSampler(self.val_tasks, self.eval_tasks_per_batch, world, rank))
 
     def test_dataloader(self) -> DataLoader:
         world, rank = self._rank()
+        self._check_eval_tasks("test_tasks", self.test_tasks, world)
         return self._loader("test", TEST, FixedTaskSampler(self.test_tasks, self.eval_tasks_per_batch, world, rank))
 
 

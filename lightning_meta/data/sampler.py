@@ -70,6 +70,8 @@ class MetaBatchSampler(DistributedSampler):
         self.tasks_per_batch, self.batches_per_epoch = tasks_per_batch, batches_per_epoch
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
         self.shuffle, self.drop_last = False, False  # what DistributedSampler's readers look at
+        self.resume_at: int | None = None
+        """Global meta-batch index to start at on the next iteration (once), set on resume."""
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -79,7 +81,13 @@ class MetaBatchSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, ...]]:
         per_step = self.tasks_per_batch * self.num_replicas
-        for b in range(self.batches_per_epoch):
+        start = 0
+        if self.resume_at is not None:
+            # The epoch too: with worker processes the first indices are drawn before Lightning
+            # calls set_epoch on a resumed run.
+            self.epoch, start = divmod(self.resume_at, self.batches_per_epoch)
+            self.resume_at = None
+        for b in range(start, self.batches_per_epoch):
             first = (self.epoch * self.batches_per_epoch + b) * per_step + self.rank * self.tasks_per_batch
             yield tuple(range(first, first + self.tasks_per_batch))
 
