@@ -13,7 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytorch_lightning as pl
 import torch
 
-from lightning_meta.algorithms import MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Reptile
+from lightning_meta.algorithms import (
+    MAML,
+    MAMLPlusPlus,
+    MatchingNetworks,
+    MetaSGD,
+    ProtoNet,
+    RelationNetworks,
+    Reptile,
+    Siamese,
+)
 from lightning_meta.models import Conv4
 from tests.helpers import SyntheticClassesDataModule
 
@@ -34,6 +43,12 @@ ALGORITHMS = {
     # First order with the multi-step loss: every per-step BatchNorm copy must take part.
     "mamlpp": lambda: MAMLPlusPlus(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
     "reptile": lambda: Reptile(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
+    "siamese": lambda: Siamese(Conv4(hidden_channels=8), loss="koch"),
+    "siamese-contrastive": lambda: Siamese(Conv4(hidden_channels=8), loss="contrastive"),
+    "matching": lambda: MatchingNetworks(Conv4(hidden_channels=8), fce=True, fce_steps=2),
+    "relation": lambda: RelationNetworks(
+        Conv4(hidden_channels=8, pooled_blocks=2, flatten=False), feature_channels=8, feature_size=7
+    ),
 }
 
 

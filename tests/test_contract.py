@@ -16,7 +16,18 @@ import pytorch_lightning as pl
 import torch
 
 import lightning_meta.algorithms as algorithms
-from lightning_meta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaLearner, MetaSGD, ProtoNet, Reptile
+from lightning_meta.algorithms import (
+    ANIL,
+    MAML,
+    MAMLPlusPlus,
+    MatchingNetworks,
+    MetaLearner,
+    MetaSGD,
+    ProtoNet,
+    RelationNetworks,
+    Reptile,
+    Siamese,
+)
 from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.models import MLP, Conv4
@@ -48,6 +59,17 @@ SETUPS = {
         SyntheticClassesDataModule(),
     ),
     "Reptile": lambda: (Reptile(Conv4(hidden_channels=8, out_features=3), inner_steps=2), SyntheticClassesDataModule()),
+    "Siamese": lambda: (Siamese(Conv4(hidden_channels=8)), SyntheticClassesDataModule()),
+    "Siamese-koch": lambda: (Siamese(Conv4(hidden_channels=8), loss="koch"), SyntheticClassesDataModule()),
+    "MatchingNetworks": lambda: (MatchingNetworks(Conv4(hidden_channels=8)), SyntheticClassesDataModule()),
+    "MatchingNetworks-fce": lambda: (
+        MatchingNetworks(Conv4(hidden_channels=8), fce=True, fce_steps=2),
+        SyntheticClassesDataModule(),
+    ),
+    "RelationNetworks": lambda: (
+        RelationNetworks(Conv4(hidden_channels=8, pooled_blocks=2, flatten=False), feature_channels=8),
+        SyntheticClassesDataModule(),
+    ),
     "Reptile-sinusoid": lambda: (
         Reptile(MLP(), inner_lr=0.02, inner_optimizer="sgd"),
         SinusoidDataModule(tasks_per_batch=4),
@@ -65,6 +87,28 @@ CLI_CONFIGS = {
         "--model.backbone.init_args.hidden_channels=8",
     ],
     "MetaSGD": ["--config", "configs/sinusoid/metasgd.yaml", "--data.tasks_per_batch=4"],
+    "Siamese": [
+        "--config",
+        "configs/omniglot_5w1s/siamese.yaml",
+        "--data.query_shots=2",
+        "--data.eval_query_shots=2",
+        "--model.backbone.init_args.hidden_channels=8",
+    ],
+    "MatchingNetworks": [
+        "--config",
+        "configs/omniglot_5w1s/matching.yaml",
+        "--data.query_shots=2",
+        "--data.eval_query_shots=2",
+        "--model.backbone.init_args.hidden_channels=8",
+    ],
+    "RelationNetworks": [
+        "--config",
+        "configs/omniglot_5w1s/relation.yaml",
+        "--data.query_shots=2",
+        "--data.eval_query_shots=2",
+        "--model.backbone.init_args.hidden_channels=8",
+        "--model.init_args.feature_channels=8",
+    ],
     "ANIL": ["--config", "configs/sinusoid/anil.yaml", "--data.tasks_per_batch=4"],
     "Reptile": ["--config", "configs/sinusoid/reptile.yaml", "--data.tasks_per_batch=4"],
     "MAMLPlusPlus": [  # Omniglot: per-step BatchNorm weights and the ways linked to the head

@@ -32,7 +32,21 @@ def meta_gradient(algorithm: str, devices: int, tasks_per_batch: int, out: Path)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("algorithm", ["maml", "maml-vmap", "protonet", "metasgd", "mamlpp", "reptile"])
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        "maml",
+        "maml-vmap",
+        "protonet",
+        "metasgd",
+        "mamlpp",
+        "reptile",
+        "siamese",
+        "siamese-contrastive",
+        "matching",
+        "relation",
+    ],
+)
 def test_ddp_meta_gradient_equals_single_process_gradient_on_the_union_of_tasks(algorithm, tmp_path):
     single_run = meta_gradient(algorithm, devices=1, tasks_per_batch=4, out=tmp_path / "single.pt")
     ddp_run = meta_gradient(algorithm, devices=2, tasks_per_batch=2, out=tmp_path / "ddp.pt")

@@ -8,18 +8,24 @@ from lightning_meta.algorithms.anil import ANIL
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, mean_and_ci95, supervised_loss
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.mamlpp import MAMLPlusPlus
+from lightning_meta.algorithms.matching import MatchingNetworks
 from lightning_meta.algorithms.metasgd import MetaSGD
 from lightning_meta.algorithms.protonet import ProtoNet
+from lightning_meta.algorithms.relation import RelationNetworks
 from lightning_meta.algorithms.reptile import Reptile
+from lightning_meta.algorithms.siamese import Siamese
 
 __all__ = [
     "ANIL",
     "MAML",
     "MAMLPlusPlus",
+    "MatchingNetworks",
     "MetaLearner",
     "MetaSGD",
     "ProtoNet",
+    "RelationNetworks",
     "Reptile",
+    "Siamese",
     "TaskOutput",
     "mean_and_ci95",
     "supervised_loss",

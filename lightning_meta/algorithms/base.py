@@ -346,6 +346,10 @@ class MetaLearner(pl.LightningModule):
             # Values are already gathered from every rank, so every rank logs the same number.
             self.log(f"{stage}/{key}", mean, prog_bar=key in ("loss", "acc"))
             self.log(f"{stage}/{key}_ci95", ci95)
+            if key == "acc" and getattr(self.trainer.datamodule, "reports_error", False):
+                # Benchmarks quoted as error rates (Lake's one-shot runs): percent misclassified.
+                self.log(f"{stage}/error", 100 * (1 - mean))
+                self.log(f"{stage}/error_ci95", 100 * ci95)
         self.log(f"{stage}/tasks", float(values.numel()))
 
     def on_validation_epoch_end(self) -> None:

@@ -2,6 +2,7 @@
 
 from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, TensorClasses
 from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data.lake import LakeOneShotDataModule, LakeRun, load_lake_runs
 from lightning_meta.data.omniglot import OmniglotClasses, load_omniglot, omniglot_splits
 from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, TaskStream, task_rng
 from lightning_meta.data.sinusoid import SinusoidTasks
@@ -11,6 +12,8 @@ __all__ = [
     "EpisodicDataModule",
     "FewShotTasks",
     "FixedTaskSampler",
+    "LakeOneShotDataModule",
+    "LakeRun",
     "MetaBatchSampler",
     "OmniglotClasses",
     "OmniglotDataModule",
@@ -19,6 +22,7 @@ __all__ = [
     "TaskSource",
     "TaskStream",
     "TensorClasses",
+    "load_lake_runs",
     "load_omniglot",
     "omniglot_splits",
     "task_rng",

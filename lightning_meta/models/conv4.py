@@ -39,13 +39,22 @@ class Conv4(nn.Module):
         out_features: int | None = None,
         feature_size: int = 1,
         norm: str = "batch",
+        pooled_blocks: int = 4,
+        flatten: bool = True,
     ) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+        if not 0 <= pooled_blocks <= 4:
+            raise ValueError(f"Conv4 pooled_blocks={pooled_blocks} must be in 0..4")
+        if not flatten and out_features is not None:
+            raise ValueError(
+                f"Conv4 flatten=False returns feature maps, which a linear head cannot take: "
+                f"set out_features=None (got {out_features}) or flatten=True"
+            )
         blocks = []
         channels = in_channels
-        for _ in range(4):
+        for block in range(4):
             layers: list[nn.Module] = [nn.Conv2d(channels, hidden_channels, 3, padding=1)]
             if norm == "batch":
                 layers.append(nn.BatchNorm2d(hidden_channels, track_running_stats=False))
@@ -53,10 +62,12 @@ class Conv4(nn.Module):
                 layers.append(PlainBatchNorm2d(hidden_channels))
             elif norm == "group":
                 layers.append(nn.GroupNorm(max(1, hidden_channels // 8), hidden_channels))
-            layers += [nn.ReLU(), nn.MaxPool2d(2)]
+            layers.append(nn.ReLU())
+            if block < pooled_blocks:
+                layers.append(nn.MaxPool2d(2))
             blocks.append(nn.Sequential(*layers))
             channels = hidden_channels
-        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.features = nn.Sequential(*blocks, nn.Flatten()) if flatten else nn.Sequential(*blocks)
         self.embedding_size = hidden_channels * feature_size * feature_size
         self.out_features = out_features
         self.head = nn.Linear(self.embedding_size, out_features) if out_features is not None else None

@@ -1,0 +1,224 @@
+"""Omniglot few-shot table for the metric-based family and first-order MAML, on a time budget.
+
+Each method is built from its `configs/omniglot_<benchmark>/<config>.yaml` (so the table measures
+what the configs run) and meta-trained for `--minutes` of training time (validation excluded),
+one torch thread; every `--minutes / --val-points` of training it is scored on `--val-tasks`
+fixed validation tasks, for the plot of validation accuracy against training time. Then it is
+tested on `--test-episodes` fixed test episodes of the Vinyals split: mean accuracy ± 95% CI.
+Benchmarks: 5-way 1-shot and 20-way 1-shot (`--benchmarks`). Finally the best method of the
+first benchmark is trained again, the same budget, from its `configs/lake/` config (Omniglot
+background set only) and scored on Lake's 20 one-shot runs: % error over the 400 test images.
+
+Writes, under `--out` (default benchmarks/results/): `omniglot_table.md` (the table as printed)
+and `omniglot_val_accuracy.png` (validation accuracy against training minutes, per method).
+
+Omniglot and all_runs.zip are read from `$LIGHTNING_META_DATA/omniglot/` (here: ../shared/data).
+
+    python benchmarks/omniglot_table.py --minutes 5 --benchmarks 5w1s            # the README's run
+    python benchmarks/omniglot_table.py --minutes 0.5 --test-episodes 50 --val-tasks 10   # a check
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pytorch_lightning as pl
+import torch
+
+from lightning_meta.algorithms import MetaLearner, mean_and_ci95
+from lightning_meta.cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {  # table name: config name under configs/omniglot_*/ and configs/lake/
+    "ProtoNet": "protonet",
+    "Siamese (Koch loss)": "siamese",
+    "Matching Nets": "matching",
+    "Relation Nets": "relation",
+    "first-order MAML": "fomaml",
+}
+PUBLISHED = {  # accuracy %, 1-shot, Vinyals split: the papers' Table 1
+    ("ProtoNet", "5w1s"): "98.8 (Snell et al.)",
+    ("ProtoNet", "20w1s"): "96.0 (Snell et al.)",
+    ("Siamese (Koch loss)", "5w1s"): "96.7 (Vinyals et al.)",
+    ("Siamese (Koch loss)", "20w1s"): "88.0 (Vinyals et al.)",
+    ("Matching Nets", "5w1s"): "98.1 (Vinyals et al.)",
+    ("Matching Nets", "20w1s"): "93.8 (Vinyals et al.)",
+    ("Relation Nets", "5w1s"): "99.6 (Sung et al.)",
+    ("Relation Nets", "20w1s"): "97.6 (Sung et al.)",
+    ("first-order MAML", "5w1s"): "98.3 (Nichol et al.)",
+    ("first-order MAML", "20w1s"): "89.4 (Nichol et al.)",
+}
+LAKE_PUBLISHED = "Siamese convnet (Koch et al.) 8.0%, people 4.5%, BPL 3.3%"
+
+
+class TrainingClock(pl.Callback):
+    """Stops training after `budget_s` seconds of training (validation excluded) and scores the
+    model on fixed validation batches every `budget_s / points` seconds of it."""
+
+    def __init__(self, budget_s: float, points: int, val_batches: list) -> None:
+        self.budget_s, self.every_s, self.val_batches = budget_s, budget_s / points, val_batches
+        self.trained_s, self.next_val_s, self.curve = 0.0, 0.0, []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.next_val_s == 0.0:  # the untrained model, at time 0
+            self.curve.append((0.0, accuracy(pl_module, self.val_batches)[0]))
+            self.next_val_s = self.every_s
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.trained_s += time.perf_counter() - self._start
+        if self.trained_s >= self.next_val_s or self.trained_s >= self.budget_s:
+            self.curve.append((self.trained_s, accuracy(pl_module, self.val_batches)[0]))
+            self.next_val_s += self.every_s
+        if self.trained_s >= self.budget_s:
+            trainer.should_stop = True
+
+
+def accuracy(model: MetaLearner, batches: Iterable) -> tuple[float, float]:
+    """Mean query accuracy over the tasks of `batches` ± 95% CI, in percent, in eval mode."""
+    was_training = model.training
+    model.eval()
+    accs = []
+    # Gradient-based learners adapt at evaluation; the metric-based need no graph.
+    with torch.enable_grad() if model.adapts_with_gradients else torch.no_grad():
+        for batch in batches:
+            accs.append(model.meta_loss(batch)[1]["acc"])
+    model.train(was_training)
+    mean, ci = mean_and_ci95(torch.cat(accs))
+    return 100 * float(mean), 100 * float(ci)
+
+
+def build(config: Path, args: argparse.Namespace) -> tuple[MetaLearner, pl.LightningDataModule]:
+    cli = run_cli(
+        [
+            "--config",
+            str(config),
+            "--trainer.logger=false",
+            f"--seed_everything={args.seed}",
+            f"--data.val_tasks={args.val_tasks}",
+            *([f"--data.test_tasks={args.test_episodes}"] if "lake" not in config.parts else []),
+        ],
+        run=False,
+    )
+    return cli.model, cli.datamodule
+
+
+def train(model: MetaLearner, data: pl.LightningDataModule, args: argparse.Namespace) -> TrainingClock:
+    data.setup("fit")
+    clock = TrainingClock(60 * args.minutes, args.val_points, list(data.val_dataloader()))
+    trainer = pl.Trainer(
+        max_steps=-1,
+        max_epochs=-1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        callbacks=[clock],
+    )
+    trainer.fit(model, datamodule=data)
+    return clock
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=5.0, help="training time per method and benchmark")
+    parser.add_argument("--benchmarks", nargs="+", default=["5w1s", "20w1s"], choices=["5w1s", "20w1s"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--test-episodes", type=int, default=1000)
+    parser.add_argument("--val-tasks", type=int, default=100)
+    parser.add_argument("--val-points", type=int, default=8, help="validation scores per training run")
+    parser.add_argument("--no-lake", action="store_true", help="skip the Lake benchmark run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*args parameter is intended.*")  # our own argv is not the CLI's
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    results: dict[tuple[str, str], tuple[float, float, int]] = {}  # (acc, ci, training steps)
+    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for benchmark in args.benchmarks:
+        for name in args.methods:
+            pl.seed_everything(args.seed, verbose=False)
+            model, data = build(REPO / "configs" / f"omniglot_{benchmark}" / f"{METHODS[name]}.yaml", args)
+            clock = train(model, data, args)
+            steps = model.global_step
+            acc, ci = accuracy(model, data.test_dataloader())  # streamed: 1000 20-way episodes are 1 GB
+            results[name, benchmark] = (acc, ci, steps)
+            curves[name, benchmark] = clock.curve
+            print(f"{benchmark} {name}: {acc:.1f} ± {ci:.1f}% after {steps} steps", flush=True)
+
+    lake_line = ""
+    if not args.no_lake:
+        first = args.benchmarks[0]
+        best = max(args.methods, key=lambda n: results[n, first][0])
+        pl.seed_everything(args.seed, verbose=False)
+        model, data = build(REPO / "configs" / "lake" / f"{METHODS[best]}.yaml", args)
+        train(model, data, args)
+        acc, ci = accuracy(model, data.test_dataloader())
+        lake_line = (
+            f"Lake's one-shot benchmark (20 runs, 400 test images), {best} (best at {first}) trained "
+            f"{args.minutes:g} min on the background set only ({model.global_step} steps, "
+            f"configs/lake/{METHODS[best]}.yaml): **{100 - acc:.1f}% error** (± {ci:.1f}, 95% CI over runs). "
+            f"Published: {LAKE_PUBLISHED}."
+        )
+
+    lines = [
+        f"Omniglot (Vinyals split, 28×28), test accuracy % ± 95% CI over {args.test_episodes} episodes after "
+        f"{args.minutes:g} min of training per method and benchmark (validation excluded), "
+        f"torch threads: {torch.get_num_threads()}, seed {args.seed}. Published numbers are the papers', at "
+        "their full budgets.",
+        "",
+        "| method | " + " | ".join(f"{b} (steps) | {b} published" for b in args.benchmarks) + " |",
+        "|---|" + "---:|---:|" * len(args.benchmarks),
+    ]
+    for name in args.methods:
+        cells = []
+        for b in args.benchmarks:
+            acc, ci, steps = results[name, b]
+            cells.append(f"{acc:.1f} ± {ci:.1f} ({steps}) | {PUBLISHED.get((name, b), '')}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if lake_line:
+        lines += ["", lake_line]
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "omniglot_table.md").write_text(table + "\n")
+
+    figure, axes = plt.subplots(1, len(args.benchmarks), figsize=(5.5 * len(args.benchmarks), 4), squeeze=False)
+    for ax, benchmark in zip(axes[0], args.benchmarks, strict=True):
+        for name in args.methods:
+            t, a = zip(*curves[name, benchmark], strict=True)
+            ax.plot([s / 60 for s in t], a, marker="o", markersize=3, label=name)
+        ax.set(
+            title=f"Omniglot {benchmark}: {args.val_tasks} validation tasks",
+            xlabel="training time (min, 1 thread)",
+            ylabel="validation accuracy (%)",
+        )
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(args.out / "omniglot_val_accuracy.png", dpi=110)
+    print(f"wrote {args.out / 'omniglot_table.md'} and {args.out / 'omniglot_val_accuracy.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra, NeurIPS 2016).
+
+A query is classified by attention over the support set: a softmax over the cosine similarities
+between its embedding and each support embedding, the prediction being the attention-weighted
+sum of the support examples' one-hot labels, trained with the negative log-likelihood of the
+true class. Training episodes mirror the test ones ("test and train conditions must match").
+
+Full-context embeddings (`fce`, §2.1.2) make each embedding depend on the whole support set:
+a bidirectional LSTM over the support embeddings (g), and an attention LSTM that reads the
+support set K times for each query (f). The paper found them to help on miniImageNet, not on
+Omniglot, so they are off by default. As in most public re-implementations, the attention LSTM's
+hidden state is the sum h + r of the previous state and the read-out (the paper concatenates
+them), so one LSTM cell of the embedding size serves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_meta.algorithms.base import MetaLearner, TaskOutput
+from lightning_meta.task import Task
+
+
+def cosine_similarities(query: Tensor, support: Tensor) -> Tensor:
+    """cos(f(x̂), g(x_i)) for every query and support embedding: `[Q, S]`."""
+    return F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T
+
+
+def attention(query: Tensor, support: Tensor) -> Tensor:
+    """a(x̂, x_i) = softmax_i(cos(f(x̂), g(x_i))): `[Q, S]`, each row summing to 1."""
+    return cosine_similarities(query, support).softmax(-1)
+
+
+def class_log_probabilities(log_attention: Tensor, support_y: Tensor, ways: int) -> Tensor:
+    """log Σ_{i: y_i = c} a_i per class c, `[Q, ways]`, computed as a masked logsumexp (stable)."""
+    in_class = F.one_hot(support_y, ways).bool().T  # [ways, S]
+    masked = log_attention.unsqueeze(1).masked_fill(~in_class.unsqueeze(0), float("-inf"))
+    return masked.logsumexp(-1)
+
+
+class FullContextEmbeddings(nn.Module):
+    """g: bidirectional LSTM over the support set (with a skip connection); f: attention LSTM.
+
+    Args:
+        dim: embedding size (the LSTMs' input and hidden size).
+        steps: K, how many times the attention LSTM reads the support set.
+    """
+
+    def __init__(self, dim: int, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+        self.support_lstm = nn.LSTM(dim, dim, bidirectional=True, batch_first=True)
+        self.query_cell = nn.LSTMCell(dim, dim)
+
+    def forward(self, query: Tensor, support: Tensor) -> tuple[Tensor, Tensor]:
+        out, _ = self.support_lstm(support.unsqueeze(0))  # [1, S, 2·dim]: forward, backward halves
+        forward_h, backward_h = out.squeeze(0).chunk(2, dim=-1)
+        support = support + forward_h + backward_h
+        h, c = torch.zeros_like(query), torch.zeros_like(query)
+        for _ in range(self.steps):
+            readout = (h @ support.T).softmax(-1) @ support
+            h_hat, c = self.query_cell(query, (h + readout, c))
+            h = h_hat + query
+        return h, support
+
+
+class MatchingNetworks(MetaLearner):
+    """Matching Networks: cosine attention over the support set, NLL of the true class.
+
+    Args:
+        backbone: the embedding network (e.g. Conv4 without a head), shared by support and queries.
+        fce: full-context embeddings (bidirectional support LSTM, attention LSTM for queries).
+        fce_steps: K, the attention LSTM's reads of the support set (with `fce`).
+        embedding_dim: the embedding size, for the FCE LSTMs (default: the backbone's
+            `embedding_size`).
+        optimizer: the outer optimizer (default Adam).
+        lr_scheduler: optional learning-rate schedule, stepped every episode batch.
+    """
+
+    adapts_with_gradients = False
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        fce: bool = False,
+        fce_steps: int = 5,
+        embedding_dim: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(backbone, optimizer, lr_scheduler)
+        self.context: FullContextEmbeddings | None = None
+        if fce:  # only then: unused LSTM parameters would break DDP
+            if fce_steps < 1:
+                raise ValueError(f"model.init_args.fce_steps={fce_steps} must be at least 1 (the paper's K)")
+            dim = embedding_dim if embedding_dim is not None else getattr(backbone, "embedding_size", None)
+            if dim is None:
+                raise ValueError(
+                    "fce=True needs the embedding size for its LSTMs: set model.init_args.embedding_dim "
+                    "(the backbone has no `embedding_size`)"
+                )
+            self.context = FullContextEmbeddings(dim, fce_steps)
+
+    def task_loss(self, task: Task) -> TaskOutput:
+        if not task.is_classification:
+            raise TypeError("MatchingNetworks classifies: its tasks need integer class labels")
+        n_support = task.support_x.shape[0]
+        embeddings = self.backbone(torch.cat([task.support_x, task.query_x])).flatten(1)
+        support, query = embeddings[:n_support], embeddings[n_support:]
+        if self.context is not None:
+            query, support = self.context(query, support)
+        ways = int(task.support_y.max()) + 1
+        log_probs = class_log_probabilities(cosine_similarities(query, support).log_softmax(-1), task.support_y, ways)
+        return TaskOutput(F.nll_loss(log_probs, task.query_y), log_probs)
