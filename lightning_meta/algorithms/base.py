@@ -65,6 +65,25 @@ def check_inner_loop_args(inner_lr: float | None, inner_steps: int, eval_inner_s
     return eval_inner_steps
 
 
+def embedding_size(backbone: nn.Module, embedding_dim: int | None, needed_by: str, part: str) -> int:
+    """`embedding_dim`, else the backbone's `embedding_size`; the error names the config key when
+    neither is known. `needed_by` and `part` say which option needs it, for what."""
+    size = embedding_dim if embedding_dim is not None else getattr(backbone, "embedding_size", None)
+    if size is None:
+        raise ValueError(
+            f"{needed_by} needs the embedding size for its {part}: set model.init_args.embedding_dim "
+            "(the backbone has no `embedding_size`)"
+        )
+    return size
+
+
+def scores_by_class(scores: Tensor, support_y: Tensor, ways: int) -> Tensor:
+    """`[Q, S]` query-to-support scores spread to `[Q, ways, S]`, −inf outside each class, so a
+    reduction over the last axis (max, logsumexp) scores each class from its own examples."""
+    in_class = F.one_hot(support_y, ways).bool().T  # [ways, S]
+    return scores.unsqueeze(1).masked_fill(~in_class.unsqueeze(0), float("-inf"))
+
+
 def _nan_poison(module: nn.Module) -> Tensor:
     """A scalar NaN whose gradient is NaN for every trainable parameter."""
     params = [p for p in module.parameters() if p.requires_grad]

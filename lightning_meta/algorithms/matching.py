@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_meta.algorithms.base import MetaLearner, TaskOutput
+from lightning_meta.algorithms.base import MetaLearner, TaskOutput, embedding_size, scores_by_class
 from lightning_meta.task import Task
 
 
@@ -36,9 +36,7 @@ def attention(query: Tensor, support: Tensor) -> Tensor:
 
 def class_log_probabilities(log_attention: Tensor, support_y: Tensor, ways: int) -> Tensor:
     """log Σ_{i: y_i = c} a_i per class c, `[Q, ways]`, computed as a masked logsumexp (stable)."""
-    in_class = F.one_hot(support_y, ways).bool().T  # [ways, S]
-    masked = log_attention.unsqueeze(1).masked_fill(~in_class.unsqueeze(0), float("-inf"))
-    return masked.logsumexp(-1)
+    return scores_by_class(log_attention, support_y, ways).logsumexp(-1)
 
 
 class FullContextEmbeddings(nn.Module):
@@ -96,13 +94,9 @@ class MatchingNetworks(MetaLearner):
         if fce:  # only then: unused LSTM parameters would break DDP
             if fce_steps < 1:
                 raise ValueError(f"model.init_args.fce_steps={fce_steps} must be at least 1 (the paper's K)")
-            dim = embedding_dim if embedding_dim is not None else getattr(backbone, "embedding_size", None)
-            if dim is None:
-                raise ValueError(
-                    "fce=True needs the embedding size for its LSTMs: set model.init_args.embedding_dim "
-                    "(the backbone has no `embedding_size`)"
-                )
-            self.context = FullContextEmbeddings(dim, fce_steps)
+            self.context = FullContextEmbeddings(
+                embedding_size(backbone, embedding_dim, "fce=True", "LSTMs"), fce_steps
+            )
 
     def task_loss(self, task: Task) -> TaskOutput:
         if not task.is_classification:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_meta.algorithms.base import MetaLearner, TaskOutput
+from lightning_meta.algorithms.base import MetaLearner, TaskOutput, embedding_size, scores_by_class
+from lightning_meta.algorithms.protonet import squared_euclidean
 from lightning_meta.task import Task
 
 LOSSES = ("contrastive", "koch")
@@ -56,9 +57,7 @@ def balanced_mean(losses: Tensor, same: Tensor) -> Tensor:
 
 def best_match_per_class(scores: Tensor, support_y: Tensor, ways: int) -> Tensor:
     """`[Q, ways]` logits: for each query and class, the highest score among that class's support examples."""
-    in_class = F.one_hot(support_y, ways).bool().T  # [ways, S]
-    masked = scores.unsqueeze(1).masked_fill(~in_class.unsqueeze(0), float("-inf"))  # [Q, ways, S]
-    return masked.amax(-1)
+    return scores_by_class(scores, support_y, ways).amax(-1)
 
 
 class Siamese(MetaLearner):
@@ -97,21 +96,16 @@ class Siamese(MetaLearner):
         self.loss, self.margin, self.balance_pairs = loss, margin, balance_pairs
         self.distance_head: nn.Linear | None = None
         if loss == "koch":  # only then: an unused parameter would break DDP
-            dim = embedding_dim if embedding_dim is not None else getattr(backbone, "embedding_size", None)
-            if dim is None:
-                raise ValueError(
-                    "loss='koch' needs the embedding size for its weighted-L1 layer: set "
-                    "model.init_args.embedding_dim (the backbone has no `embedding_size`)"
-                )
-            self.distance_head = nn.Linear(dim, 1)
+            self.distance_head = nn.Linear(
+                embedding_size(backbone, embedding_dim, "loss='koch'", "weighted-L1 layer"), 1
+            )
 
     def pair_scores(self, query: Tensor, support: Tensor) -> Tensor:
         """`[Q, S]` similarity of every (query, support) embedding pair: −d² ("contrastive"), or
         the same-class logit Σ α|q − s| + b ("koch")."""
-        difference = query.unsqueeze(1) - support.unsqueeze(0)  # [Q, S, D]
         if self.distance_head is None:
-            return -difference.pow(2).sum(-1)
-        return self.distance_head(difference.abs()).squeeze(-1)
+            return -squared_euclidean(query, support)
+        return self.distance_head((query.unsqueeze(1) - support.unsqueeze(0)).abs()).squeeze(-1)
 
     def task_loss(self, task: Task) -> TaskOutput:
         if not task.is_classification:

@@ -21,7 +21,8 @@ from lightning_meta.data.sampler import TEST, TRAIN, VAL, FixedTaskSampler, Meta
 from lightning_meta.data.sinusoid import SinusoidTasks
 
 
-def _check_positive(**values: int) -> None:
+def check_positive(**values: int) -> None:
+    """Refuse a count below 1, naming its `data.` config key."""
     for key, value in values.items():
         if value < 1:
             raise ValueError(f"data.{key}={value} must be a positive integer")
@@ -85,7 +86,7 @@ class EpisodicDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         eval_tasks_per_batch = eval_tasks_per_batch or tasks_per_batch
-        _check_positive(
+        check_positive(
             tasks_per_batch=tasks_per_batch,
             batches_per_epoch=batches_per_epoch,
             val_tasks=val_tasks,
@@ -199,7 +200,7 @@ class SinusoidDataModule(EpisodicDataModule):
             eval_seed,
             num_workers,
         )
-        _check_positive(shots=shots, query_shots=query_shots)
+        check_positive(shots=shots, query_shots=query_shots)
         self.family = SinusoidTasks(shots, query_shots, amplitude, phase, x_range)
 
     def build_sources(self) -> dict[str, TaskSource]:
@@ -267,7 +268,7 @@ class OmniglotDataModule(EpisodicDataModule):
             num_workers,
         )
         eval_query_shots = eval_query_shots or query_shots
-        _check_positive(
+        check_positive(
             ways=ways,
             shots=shots,
             query_shots=query_shots,

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_meta.data.base import FewShotTasks, TaskSource
-from lightning_meta.data.datamodule import EpisodicDataModule
+from lightning_meta.data.datamodule import EpisodicDataModule, check_positive
 from lightning_meta.data.omniglot import (
     DATA_ENV,
     PARTS,
@@ -248,9 +248,7 @@ class LakeOneShotDataModule(EpisodicDataModule):
             eval_seed,
             num_workers,
         )
-        for key, value in (("ways", ways), ("shots", shots), ("query_shots", query_shots)):
-            if value < 1:
-                raise ValueError(f"data.{key}={value} must be a positive integer")
+        check_positive(ways=ways, shots=shots, query_shots=query_shots)
         if val_characters < 5:
             raise ValueError(
                 f"data.val_characters={val_characters} is too few for 20-way validation tasks (4 rotations a "
