@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 def worker(args: argparse.Namespace) -> None:
     import pytorch_lightning as pl
     import torch
+    from bench_trainer import bare_trainer
 
     from lightning_meta.algorithms import MAML, ProtoNet
     from lightning_meta.data import EpisodicDataModule, TaskSource
@@ -73,18 +74,11 @@ def worker(args: argparse.Namespace) -> None:
         def on_train_batch_end(self, *_: object) -> None:
             times.append(time.perf_counter() - self.start)
 
-    trainer = pl.Trainer(
+    trainer = bare_trainer(
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        inference_mode=False,
         callbacks=[Timer()],
     )
     per_rank = args.tasks // args.devices

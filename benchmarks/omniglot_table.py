@@ -37,6 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytorch_lightning as pl
 import torch
+from bench_trainer import bare_trainer
 
 from lightning_meta.algorithms import MetaLearner, mean_and_ci95
 from lightning_meta.cli import run_cli
@@ -120,17 +121,10 @@ def build(config: Path, args: argparse.Namespace) -> tuple[MetaLearner, pl.Light
 def train(model: MetaLearner, data: pl.LightningDataModule, args: argparse.Namespace) -> TrainingClock:
     data.setup("fit")
     clock = TrainingClock(60 * args.minutes, args.val_points, list(data.val_dataloader()))
-    trainer = pl.Trainer(
+    trainer = bare_trainer(
         max_steps=-1,
         max_epochs=-1,
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        inference_mode=False,
         callbacks=[clock],
     )
     trainer.fit(model, datamodule=data)

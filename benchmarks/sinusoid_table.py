@@ -33,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytorch_lightning as pl
 import torch
+from bench_trainer import bare_trainer
 
 from lightning_meta.algorithms import mean_and_ci95, task_parallel
 from lightning_meta.cli import run_cli
@@ -77,17 +78,10 @@ def build(config: str, shots: int, steps: int, seed: int):
 
 def train(model, data, steps: int, gradient_clip_val: float | None) -> tuple[float, str]:
     """Seconds spent, and a note if training stopped early (a non-finite meta-loss)."""
-    trainer = pl.Trainer(
+    trainer = bare_trainer(
         max_steps=steps,
         gradient_clip_val=gradient_clip_val,  # the config's: part of the algorithm's recipe
         accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        inference_mode=False,
     )
     start = time.perf_counter()
     try:

@@ -15,6 +15,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
+from bench_trainer import bare_trainer
 
 from lightning_meta.algorithms import MAML, ProtoNet
 from lightning_meta.data import OmniglotDataModule
@@ -56,14 +57,8 @@ def setups(root: str | None) -> dict:
 
 def time_once(make_model, make_data, steps: int, warmup: int) -> list[float]:
     timer = StepTimer()
-    trainer = pl.Trainer(
+    trainer = bare_trainer(
         max_steps=steps + warmup,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        inference_mode=False,
         callbacks=[timer],
     )
     trainer.fit(make_model(), datamodule=make_data())

@@ -38,6 +38,8 @@ from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_trainer import bare_trainer
+
 from lightning_meta.models import Conv4
 
 SETTINGS = {
@@ -241,16 +243,10 @@ def with_lightning_meta(
             times.append(time.perf_counter() - self.start)
 
     def run(steps: int) -> tuple[list[float], int]:
-        trainer = pl.Trainer(
+        trainer = bare_trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=1,
             max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            inference_mode=False,
             callbacks=[Timer()],
         )
         trainer.fit(model, datamodule=FixedData(tasks_per_batch=len(sx), batches_per_epoch=10**6))
