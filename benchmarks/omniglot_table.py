@@ -9,8 +9,15 @@ Benchmarks: 5-way 1-shot and 20-way 1-shot (`--benchmarks`). Finally the best me
 first benchmark is trained again, the same budget, from its `configs/lake/` config (Omniglot
 background set only) and scored on Lake's 20 one-shot runs: % error over the 400 test images.
 
-Writes, under `--out` (default benchmarks/results/): `omniglot_table.md` (the table as printed)
-and `omniglot_val_accuracy.png` (validation accuracy against training minutes, per method).
+Writes, under `--out` (default benchmarks/results/): `omniglot_<benchmark>.json` per benchmark
+(the scores, steps, validation curves and settings; the Lake result rides with the first), then
+`omniglot_table.md` (the table as printed) and `omniglot_val_accuracy.png` (validation accuracy
+against training minutes, per method) from the JSON files of all `--benchmarks`. So the two
+benchmarks can run as two processes, one core each, and `--report-only` joins them:
+
+    python benchmarks/omniglot_table.py --minutes 8 --benchmarks 5w1s &
+    python benchmarks/omniglot_table.py --minutes 8 --benchmarks 20w1s --no-lake &
+    wait; python benchmarks/omniglot_table.py --benchmarks 5w1s 20w1s --report-only
 
 Omniglot and all_runs.zip are read from `$LIGHTNING_META_DATA/omniglot/` (here: ../shared/data).
 
@@ -21,6 +28,7 @@ Omniglot and all_runs.zip are read from `$LIGHTNING_META_DATA/omniglot/` (here: 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -142,68 +150,104 @@ def main() -> None:
     parser.add_argument("--no-lake", action="store_true", help="skip the Lake benchmark run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the table and PNG from the saved JSON of --benchmarks"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*args parameter is intended.*")  # our own argv is not the CLI's
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    results: dict[tuple[str, str], tuple[float, float, int]] = {}  # (acc, ci, training steps)
-    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for benchmark in args.benchmarks:
-        for name in args.methods:
-            pl.seed_everything(args.seed, verbose=False)
-            model, data = build(REPO / "configs" / f"omniglot_{benchmark}" / f"{METHODS[name]}.yaml", args)
-            clock = train(model, data, args)
-            steps = model.global_step
-            acc, ci = accuracy(model, data.test_dataloader())  # streamed: 1000 20-way episodes are 1 GB
-            results[name, benchmark] = (acc, ci, steps)
-            curves[name, benchmark] = clock.curve
-            print(f"{benchmark} {name}: {acc:.1f} ± {ci:.1f}% after {steps} steps", flush=True)
+    if not args.report_only:
+        for benchmark in args.benchmarks:
+            run_benchmark(benchmark, args, lake=not args.no_lake and benchmark == args.benchmarks[0])
+    report(args)
 
-    lake_line = ""
-    if not args.no_lake:
-        first = args.benchmarks[0]
-        best = max(args.methods, key=lambda n: results[n, first][0])
+
+def run_benchmark(benchmark: str, args: argparse.Namespace, lake: bool) -> None:
+    """Train and test every method on one benchmark (and the best on Lake's); save the JSON."""
+    record: dict = {
+        "benchmark": benchmark,
+        "minutes": args.minutes,
+        "test_episodes": args.test_episodes,
+        "val_tasks": args.val_tasks,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "methods": {},
+        "lake": None,
+    }
+    for name in args.methods:
+        pl.seed_everything(args.seed, verbose=False)
+        model, data = build(REPO / "configs" / f"omniglot_{benchmark}" / f"{METHODS[name]}.yaml", args)
+        clock = train(model, data, args)
+        steps = model.global_step
+        acc, ci = accuracy(model, data.test_dataloader())  # streamed: 1000 20-way episodes are 1 GB
+        record["methods"][name] = {"acc": acc, "ci": ci, "steps": steps, "curve": clock.curve}
+        print(f"{benchmark} {name}: {acc:.1f} ± {ci:.1f}% after {steps} steps", flush=True)
+
+    if lake:
+        best = max(record["methods"], key=lambda n: record["methods"][n]["acc"])
         pl.seed_everything(args.seed, verbose=False)
         model, data = build(REPO / "configs" / "lake" / f"{METHODS[best]}.yaml", args)
         train(model, data, args)
         acc, ci = accuracy(model, data.test_dataloader())
-        lake_line = (
-            f"Lake's one-shot benchmark (20 runs, 400 test images), {best} (best at {first}) trained "
-            f"{args.minutes:g} min on the background set only ({model.global_step} steps, "
-            f"configs/lake/{METHODS[best]}.yaml): **{100 - acc:.1f}% error** (± {ci:.1f}, 95% CI over runs). "
-            f"Published: {LAKE_PUBLISHED}."
-        )
+        record["lake"] = {"method": best, "error": 100 - acc, "ci": ci, "steps": model.global_step}
+        print(f"Lake {best}: {100 - acc:.1f} ± {ci:.1f}% error", flush=True)
+    path = args.out / f"omniglot_{benchmark}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}", flush=True)
 
+
+def report(args: argparse.Namespace) -> None:
+    """`omniglot_table.md` and the PNG from the saved JSON of each of `--benchmarks`."""
+    records = {}
+    for benchmark in args.benchmarks:
+        path = args.out / f"omniglot_{benchmark}.json"
+        if not path.exists():
+            raise SystemExit(f"{path} does not exist: run `--benchmarks {benchmark}` without --report-only first")
+        records[benchmark] = json.loads(path.read_text())
+    methods = [m for m in METHODS if all(m in r["methods"] for r in records.values())]
+    settings = {b: f"{r['minutes']:g} min, {r['test_episodes']} test episodes" for b, r in records.items()}
+    first = next(iter(records.values()))
     lines = [
-        f"Omniglot (Vinyals split, 28×28), test accuracy % ± 95% CI over {args.test_episodes} episodes after "
-        f"{args.minutes:g} min of training per method and benchmark (validation excluded), "
-        f"torch threads: {torch.get_num_threads()}, seed {args.seed}. Published numbers are the papers', at "
-        "their full budgets.",
+        "Omniglot (Vinyals split, 28×28), test accuracy % ± 95% CI over fixed seeded test episodes after a "
+        "training-time budget per method (validation excluded): "
+        + "; ".join(f"{b}: {s}" for b, s in settings.items())
+        + f". torch {first['torch']}, threads: {first['threads']}, seed {first['seed']}. "
+        "Published numbers are the papers', at their full budgets.",
         "",
-        "| method | " + " | ".join(f"{b} (steps) | {b} published" for b in args.benchmarks) + " |",
-        "|---|" + "---:|---:|" * len(args.benchmarks),
+        "| method | " + " | ".join(f"{b} (steps) | {b} published" for b in records) + " |",
+        "|---|" + "---:|---:|" * len(records),
     ]
-    for name in args.methods:
+    for name in methods:
         cells = []
-        for b in args.benchmarks:
-            acc, ci, steps = results[name, b]
-            cells.append(f"{acc:.1f} ± {ci:.1f} ({steps}) | {PUBLISHED.get((name, b), '')}")
+        for b, r in records.items():
+            m = r["methods"][name]
+            cells.append(f"{m['acc']:.1f} ± {m['ci']:.1f} ({m['steps']}) | {PUBLISHED.get((name, b), '')}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if lake_line:
-        lines += ["", lake_line]
+    for b, r in records.items():
+        if r["lake"]:
+            lake = r["lake"]
+            lines += [
+                "",
+                f"Lake's one-shot benchmark (20 runs, 400 test images), {lake['method']} (best at {b}) trained "
+                f"{r['minutes']:g} min on the background set only ({lake['steps']} steps, "
+                f"configs/lake/{METHODS[lake['method']]}.yaml): **{lake['error']:.1f}% error** "
+                f"(± {lake['ci']:.1f}, 95% CI over runs). Published: {LAKE_PUBLISHED}.",
+            ]
     table = "\n".join(lines)
     print(table)
     (args.out / "omniglot_table.md").write_text(table + "\n")
 
-    figure, axes = plt.subplots(1, len(args.benchmarks), figsize=(5.5 * len(args.benchmarks), 4), squeeze=False)
-    for ax, benchmark in zip(axes[0], args.benchmarks, strict=True):
-        for name in args.methods:
-            t, a = zip(*curves[name, benchmark], strict=True)
+    figure, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4), squeeze=False)
+    for ax, (benchmark, r) in zip(axes[0], records.items(), strict=True):
+        for name in methods:
+            t, a = zip(*r["methods"][name]["curve"], strict=True)
             ax.plot([s / 60 for s in t], a, marker="o", markersize=3, label=name)
         ax.set(
-            title=f"Omniglot {benchmark}: {args.val_tasks} validation tasks",
+            title=f"Omniglot {benchmark}: {r['val_tasks']} validation tasks",
             xlabel="training time (min, 1 thread)",
             ylabel="validation accuracy (%)",
         )

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_meta.algorithms import MAML, MetaLearner, TaskOutput, supervised_loss
 from lightning_meta.cli import run_cli
 from lightning_meta.data import LakeOneShotDataModule, load_lake_runs
-from lightning_meta.data.omniglot import _decode_png
+from lightning_meta.data.omniglot import decode_png
 from lightning_meta.models import Conv4
 from lightning_meta.task import Task
 
@@ -71,7 +71,7 @@ def test_reader_parses_20_runs_and_pairs_every_test_image_with_one_training_imag
     assert lines[:2] == ["run01/test/item01.png", "run01/training/class08.png"]
     assert int(runs[0].answers[0]) == 7
     # Decoded exactly as the Omniglot loader decodes its drawings (greyscale, resize, ink high).
-    torch.testing.assert_close(runs[0].support[7], torch.from_numpy(_decode_png(first_train, 28)))
+    torch.testing.assert_close(runs[0].support[7], torch.from_numpy(decode_png(first_train, 28)))
     task = runs[0].task()
     assert task.support_x.shape == (20, 1, 28, 28) and task.support_x.min() >= 0 and task.support_x.max() <= 1
     assert task.support_x.mean() < 0.5  # ink is 1 on a background of 0, as in training

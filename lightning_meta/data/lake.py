@@ -34,10 +34,10 @@ from lightning_meta.data.omniglot import (
     DATA_ENV,
     PARTS,
     OmniglotClasses,
-    _decode_png,
-    _resolve_data_root,
-    _with_rotations,
+    decode_png,
     load_omniglot,
+    locate_data_root,
+    with_rotations,
 )
 from lightning_meta.data.sampler import FixedTaskSampler
 from lightning_meta.task import Task, TaskBatch
@@ -122,7 +122,7 @@ def load_lake_runs(root: str | os.PathLike[str] | None = None, image_size: int =
         ValueError: a run whose pairing file is malformed, names a missing image, or does not
             pair exactly one test image with each of its 20 training images.
     """
-    data_root, origin = _resolve_data_root(root)
+    data_root, origin = locate_data_root(root)
     base = data_root / "omniglot"
     zip_path, folder = base / "all_runs.zip", base / "all_runs"
     path = zip_path if zip_path.is_file() else folder if folder.is_dir() else None
@@ -174,7 +174,7 @@ def _read_run(archive: _Archive, name: str, prefix: str, image_size: int) -> Lak
         )
 
     def decode(files: list[str]) -> Tensor:
-        return torch.from_numpy(np.stack([_decode_png(archive.read(f), image_size) for f in files]))
+        return torch.from_numpy(np.stack([decode_png(archive.read(f), image_size) for f in files]))
 
     return LakeRun(name, decode(support_files), decode(query_files), torch.tensor(answers), support_files, query_files)
 
@@ -272,8 +272,8 @@ class LakeOneShotDataModule(EpisodicDataModule):
             )
         perm = np.random.default_rng(self.seed).permutation(background)
         splits = {
-            "train": OmniglotClasses(data.images, _with_rotations(np.sort(perm[self.val_characters :])), data.names),
-            "val": OmniglotClasses(data.images, _with_rotations(np.sort(perm[: self.val_characters])), data.names),
+            "train": OmniglotClasses(data.images, with_rotations(np.sort(perm[self.val_characters :])), data.names),
+            "val": OmniglotClasses(data.images, with_rotations(np.sort(perm[: self.val_characters])), data.names),
         }
         return {
             "train": FewShotTasks(splits["train"], self.ways, self.shots, self.query_shots, "omniglot background"),

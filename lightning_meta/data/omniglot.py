@@ -50,11 +50,14 @@ __all__ = [
     "OMNIGLOT_CHARACTERS",
     "OmniglotClasses",
     "OmniglotData",
+    "decode_png",
     "default_cache_dir",
     "download_omniglot",
     "load_omniglot",
+    "locate_data_root",
     "omniglot_splits",
     "resolve_data_root",
+    "with_rotations",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,11 +115,15 @@ def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
     Returns:
         `root` if given, else the environment variable `LIGHTNING_META_DATA`, else `Path("data")`.
     """
-    return _resolve_data_root(root)[0]
+    return locate_data_root(root)[0]
 
 
-def _resolve_data_root(root: str | os.PathLike[str] | None) -> tuple[Path, str]:
-    """The data root and a phrase saying where it came from (for error messages)."""
+def locate_data_root(root: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    """The data root, as `resolve_data_root`, and a phrase saying where it came from.
+
+    The phrase names the setting to change (`--data.root` or the environment variable), so an
+    error about a missing dataset can say how to fix it.
+    """
     if root is not None and str(root) != "":
         return Path(root).expanduser(), "the `root` argument (`--data.root`)"
     env = os.environ.get(DATA_ENV)
@@ -294,7 +301,7 @@ def _group_characters(source: _Source, members: list[str]) -> dict[str, list[str
     return {name: sorted(chars[name]) for name in sorted(chars)}
 
 
-def _decode_png(data: bytes, image_size: int) -> np.ndarray:
+def decode_png(data: bytes, image_size: int) -> np.ndarray:
     """One drawing as uint8 `[S, S]`, ink high: greyscale first, then Lanczos, then inverted."""
     image = Image.open(io.BytesIO(data)).convert("L").resize((image_size, image_size), Image.LANCZOS)
     return 255 - np.asarray(image, dtype=np.uint8)
@@ -308,7 +315,7 @@ def _decode_chunk(job: tuple[str, bool, list[str], int]) -> np.ndarray:
         for i, member in enumerate(members):
             try:
                 data = z.read(member) if is_zip else (Path(path) / member).read_bytes()
-                out[i] = _decode_png(data, image_size)
+                out[i] = decode_png(data, image_size)
             except Exception as e:
                 what = f"member {member!r} of {path}" if is_zip else f"{Path(path) / member}"
                 raise ValueError(
@@ -470,7 +477,7 @@ def load_omniglot(
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size={image_size!r} must be a positive integer, e.g. 28")
-    data_root, origin = _resolve_data_root(root)
+    data_root, origin = locate_data_root(root)
     if download:
         download_omniglot(data_root, splits=False)
     sources = _find_sources(data_root, origin)
@@ -632,7 +639,12 @@ def _read_split_file(path: Path, index: dict[str, int]) -> Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _with_rotations(characters: np.ndarray) -> Tensor:
+def with_rotations(characters: np.ndarray) -> Tensor:
+    """Class table `[4·C, 2]` of (character index, quarter turns): each character in 4 rotations.
+
+    Row `4·i + r` is character `characters[i]` turned by `r` × 90°, the class definition of
+    Santoro et al. and Vinyals et al.
+    """
     chars = torch.as_tensor(characters, dtype=torch.long)
     return torch.stack([chars.repeat_interleave(ROTATIONS), torch.arange(ROTATIONS).repeat(len(chars))], dim=1)
 
@@ -694,5 +706,5 @@ def omniglot_splits(
             "val": trainval[n_train:],
             "test": perm[n_train + n_val :],
         }
-        tables = {key: _with_rotations(c) for key, c in chars.items()}
+        tables = {key: with_rotations(c) for key, c in chars.items()}
     return {key: OmniglotClasses(data.images, table, data.names) for key, table in tables.items()}
