@@ -202,12 +202,13 @@ def run_benchmark(benchmark: str, args: argparse.Namespace, lake: bool) -> None:
 
 def report(args: argparse.Namespace) -> None:
     """`omniglot_table.md` and the PNG from the saved JSON of each of `--benchmarks`."""
-    records = {}
-    for benchmark in args.benchmarks:
-        path = args.out / f"omniglot_{benchmark}.json"
-        if not path.exists():
-            raise SystemExit(f"{path} does not exist: run `--benchmarks {benchmark}` without --report-only first")
-        records[benchmark] = json.loads(path.read_text())
+    missing = [b for b in args.benchmarks if not (args.out / f"omniglot_{b}.json").exists()]
+    if missing:
+        raise SystemExit(
+            "; ".join(f"{args.out / f'omniglot_{b}.json'} does not exist" for b in missing)
+            + f": run `--benchmarks {' '.join(missing)}` (with the same --out) without --report-only first"
+        )
+    records = {b: json.loads((args.out / f"omniglot_{b}.json").read_text()) for b in args.benchmarks}
     methods = [m for m in METHODS if all(m in r["methods"] for r in records.values())]
     settings = {b: f"{r['minutes']:g} min, {r['test_episodes']} test episodes" for b, r in records.items()}
     first = next(iter(records.values()))
