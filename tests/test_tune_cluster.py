@@ -26,16 +26,20 @@ pytestmark = pytest.mark.ray
 SINUSOID = str(REPO / "configs/sinusoid/maml.yaml")
 
 
+HEAD_AUTH: dict[str, str] = {}  # the head's token settings, which every client gets
+
+
 @pytest.fixture(scope="module")
 def head():
-    with ray_head(num_cpus=2, dashboard=False) as address:
+    with ray_head(num_cpus=2, dashboard=False) as (address, auth):
+        HEAD_AUTH.update(auth)
         yield address
+    HEAD_AUTH.clear()
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "PL_", "RAY_ADDRESS"))}
-    # `ray start --head` turns token authentication on; clients say so (the token is in ~/.ray).
-    env.update(WANDB_MODE="disabled", PYTHONPATH=str(REPO), RAY_AUTH_MODE="token", **extra)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "PL_", "RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(WANDB_MODE="disabled", PYTHONPATH=str(REPO), **HEAD_AUTH, **extra)
     return env
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -105,21 +106,29 @@ def _session_pids(sid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int = 2, dashboard: bool = True) -> Iterator[str]:
+def ray_head(num_cpus: int = 2, dashboard: bool = True) -> Iterator[tuple[str, dict[str, str]]]:
     """A Ray head on 127.0.0.1 (`ray start --head --block`), stopped by its own process ids.
 
     The head runs in its own session with its own short temp dir; stopping it signals that
     session only (never `ray stop`, which would stop every Ray on the machine), then removes the
-    temp dir. Yields the address (`127.0.0.1:port`).
+    temp dir. It runs with token authentication and a token of its own in that temp dir, so the
+    test neither depends on nor writes `~/.ray/auth_token` (`ray start --head` turns token mode
+    on only when that file already exists, and clients told to use tokens fail without one).
+    Yields the address (`127.0.0.1:port`) and the environment variables a client needs.
     """
     temp = short_tmp("lmhd")
     port = free_port()
     log = temp / "head.log"
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     command = [str(RAY), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}"]
     command += [f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     command += [f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1"]
     command += [f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **auth)
+    env.pop("RAY_AUTH_TOKEN", None)
     with log.open("w") as out:
         head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -128,7 +137,7 @@ def ray_head(num_cpus: int = 2, dashboard: bool = True) -> Iterator[str]:
             assert head.poll() is None, f"ray start --head exited:\n{log.read_text()[-3000:]}"
             assert time.time() < deadline, f"ray start --head did not come up:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", auth
     finally:
         # Every process of the head's session at once (ray start waits on its children one by one).
         for sig, pause in ((signal.SIGTERM, 5), (signal.SIGKILL, 1)):
