@@ -84,10 +84,14 @@ def test_a_crashing_trial_is_reported_and_the_sweep_finishes_on_the_head(head, t
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(head, tmp_path):
-    args = (*TINY, "--trainer.max_steps=30")  # 6 validations a trial: time to interrupt the second
-    space = "model.init_args.inner_lr: {grid: [0.02, 0.03]}\n"
+    # 6 validations a trial; the second trial sleeps 0.5 s a step, so it is still running when
+    # the test interrupts it after its second validation (unslowed, its last 4 validations took
+    # 0.3 s and it could finish before the Ctrl+C landed).
+    args = (*TINY, "--trainer.max_steps=30")
+    space = "model.init_args.step_sleep: {grid: [0.0, 0.5]}\n"
     options = ("--name", "resume", "--max-concurrent", "1", "--scheduler", "fifo", "--address", head)
     command = _sweep(tmp_path, space, *options, trial_args=args)
+    command += ["--model.class_path=tests.tune_helpers.CrashingMAML"]
     (tmp_path / "space.yaml").write_text(space)
     log = (tmp_path / "first.log").open("w")
     sweep = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
