@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -196,9 +195,7 @@ def main() -> None:
     figure, axes = plt.subplots(1, len(args.ks), figsize=(4.5 * len(args.ks), 3.6), squeeze=False)
     for ax, k in zip(axes[0], args.ks, strict=True):
         for name in args.algorithms:
-            values = mse[name, k]
-            mean = values.mean(0)
-            ci = 1.96 * values.std(0) / math.sqrt(values.shape[0])
+            mean, ci = (torch.stack(c) for c in zip(*(mean_and_ci95(v) for v in mse[name, k].T), strict=True))
             steps = range(EVAL_STEPS + 1)
             ax.plot(steps, mean, marker="o", markersize=3, label=name)
             ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)
