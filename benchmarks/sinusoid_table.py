@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -154,6 +153,7 @@ def main() -> None:
     mse: dict[tuple[str, int], torch.Tensor] = {}
     seconds: dict[str, float] = {}
     paths: dict[str, str] = {}  # how the tasks were run, and any early stop
+    config_eval_steps: dict[str, int] = {}  # the config's own test setting (`eval_inner_steps`)
     fit_x = torch.linspace(-5, 5, 200).unsqueeze(-1)
     fit_k = 10 if 10 in args.ks else args.ks[0]
     fits: dict[str, dict[int, list[torch.Tensor]]] = {}
@@ -162,6 +162,7 @@ def main() -> None:
         for train_k in train_ks:
             pl.seed_everything(args.seed, verbose=False)
             model, data, clip = build(ALGORITHMS[name], train_k, args.steps, args.seed)
+            config_eval_steps[name] = model.eval_inner_steps
             spent, note = train(model, data, args.steps, clip)
             seconds[name] += spent
             paths[name] = model.task_batching + (f"; K={train_k} {note}" if note else "")
@@ -189,6 +190,12 @@ def main() -> None:
     for name in ("MAML", "Meta-SGD"):
         cells = [f"{PUBLISHED.get((name, k), '')} | " for k in args.ks]
         lines.append(f"| {name}, published (Meta-SGD paper, Table 1) | | " + " | ".join(cells) + " |")
+    for name in args.algorithms:
+        if config_eval_steps[name] < EVAL_STEPS:  # Meta-SGD: rates learned for its training steps
+            lines.append(
+                f"\n{name}'s config tests after {config_eval_steps[name]} inner step(s) (`eval_inner_steps`), the "
+                f"steps it learns for; its {EVAL_STEPS}-step columns apply its update beyond that, for comparison."
+            )
     table = "\n".join(lines)
     print(table)
     (args.out / "sinusoid_table.md").write_text(table + "\n")
@@ -196,9 +203,7 @@ def main() -> None:
     figure, axes = plt.subplots(1, len(args.ks), figsize=(4.5 * len(args.ks), 3.6), squeeze=False)
     for ax, k in zip(axes[0], args.ks, strict=True):
         for name in args.algorithms:
-            values = mse[name, k]
-            mean = values.mean(0)
-            ci = 1.96 * values.std(0) / math.sqrt(values.shape[0])
+            mean, ci = (torch.stack(c) for c in zip(*(mean_and_ci95(v) for v in mse[name, k].T), strict=True))
             steps = range(EVAL_STEPS + 1)
             ax.plot(steps, mean, marker="o", markersize=3, label=name)
             ax.fill_between(steps, mean - ci, mean + ci, alpha=0.2)

@@ -206,17 +206,92 @@ def test_mamlpp_learns_per_step_rates_and_per_step_batchnorm_weights():
     own, copies = named_params(model.backbone)[name], model.bn_per_step[rate_key(name)]
     for k, expected in enumerate([own, own, copies[0], copies[1], copies[1], copies[1]]):
         torch.testing.assert_close(trajectory[k][name], expected, msg=f"step {k}")
-    # First order with the last step's loss alone (MSL annealed) is where a per-step copy could
-    # miss its gradient (and DDP then fail): every parameter must still get one.
-    at_epoch(model, 0)
-    assert model.first_order_now()
-    loss, _ = model.meta_loss(conv_batch())
-    grads = gradients(model, loss)
+
+
+# Valid schedules (first order never outlasts the multi-step loss) and the epochs that sample
+# each of their phases: (multi_step_loss_epochs, first_order_epochs, epoch, phase).
+MAMLPP_PHASES = [
+    (2, 2, 0, "multi-step loss, first order"),
+    (2, 2, 2, "last step only, second order"),
+    (2, 1, 1, "multi-step loss, second order"),
+    (2, 0, 0, "multi-step loss, second order from the start"),
+    (0, 0, 0, "last step only, second order throughout"),
+]
+
+
+@pytest.mark.parametrize(("msl_epochs", "first_order_epochs", "epoch", "phase"), MAMLPP_PHASES, ids=lambda v: str(v))
+def test_mamlpp_every_per_step_batchnorm_weight_gets_a_gradient_in_every_phase(
+    msl_epochs, first_order_epochs, epoch, phase
+):
+    torch.manual_seed(0)
+    model = MAMLPlusPlus(
+        Conv4(hidden_channels=4, out_features=3),
+        inner_steps=3,
+        multi_step_loss_epochs=msl_epochs,
+        first_order_epochs=first_order_epochs,
+    )
+    at_epoch(model, epoch)
+    assert model.first_order_now() == phase.endswith("first order")
+    weights = multi_step_loss_weights(3, epoch, msl_epochs)
+    assert (weights[:-1] > 0).all() == phase.startswith("multi-step"), weights
+    grads = gradients(model, model.meta_loss(conv_batch())[0])
     assert set(grads) == {n for n, p in model.named_parameters() if p.requires_grad}
-    for n in model.bn_names:  # steps 1, 2: only step 2's copy scores the (last) query loss
-        copies = grads[f"bn_per_step.{rate_key(n)}"]
-        assert copies[0].abs().sum() == 0 and copies[1].abs().sum() > 0, n
-    assert all(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("inner_lrs."))
+    for n in model.bn_names:  # step 0: the backbone's own weights; steps 1, 2: the copies
+        assert grads[f"backbone.{n}"].abs().min() > 0, f"{phase}: step 0 {n}"
+        for step, copy in enumerate(grads[f"bn_per_step.{rate_key(n)}"], start=1):
+            assert copy.abs().min() > 0, f"{phase}: step {step} {n}"
+    for n, g in grads.items():
+        if n.startswith("inner_lrs."):
+            assert g.abs().min() > 0, f"{phase}: {n}"
+
+
+@pytest.mark.parametrize("per_step_bn", [True, False])
+def test_mamlpp_refuses_first_order_beyond_the_multi_step_loss_with_per_step_batchnorm(per_step_bn):
+    # The old Omniglot configs' schedule: the loss scores the last step alone from epoch 10,
+    # first order until epoch 50, so steps 0-3's BatchNorm weights got zero gradient for 40 epochs.
+    def build():
+        return MAMLPlusPlus(
+            Conv4(hidden_channels=4, out_features=5),
+            inner_steps=5,
+            multi_step_loss_epochs=10,
+            first_order_epochs=50,
+            per_step_bn=per_step_bn,
+        )
+
+    if not per_step_bn:  # every BatchNorm weight is adapted, so reaches the last step: allowed
+        build()
+        return
+    with pytest.raises(ValueError) as refused:
+        build()
+    message = str(refused.value)
+    for key in ("model.init_args.first_order_epochs=50", "model.init_args.multi_step_loss_epochs=10"):
+        assert key in message
+    assert "per_step_bn" in message and "steps 0..3" in message and "at most 10" in message
+    # The boundary is allowed: first order ends when the multi-step loss does.
+    MAMLPlusPlus(Conv4(hidden_channels=4, out_features=5), inner_steps=5, first_order_epochs=10)
+
+
+def test_mamlpp_skipping_zero_weight_query_losses_keeps_the_meta_gradient(float64):
+    # From `multi_step_loss_epochs` on only the last step's query loss has weight: the ones of
+    # weight 0 are not computed. The meta-gradient must be the one of the full weighted sum.
+    torch.manual_seed(0)
+    model = MAMLPlusPlus(Conv4(hidden_channels=4, out_features=3), inner_steps=3, multi_step_loss_epochs=2)
+    batch = TaskBatch(**{k: v.double() if v.is_floating_point() else v for k, v in vars(conv_batch()).items()})
+    for epoch in (1, 2):  # multi-step (every weight > 0), then last step only
+        at_epoch(model, epoch)
+        weights = multi_step_loss_weights(3, epoch, 2)
+        got = gradients(model, model.meta_loss(batch)[0])
+        reference = 0.0
+        for task in batch:
+            trajectory = model.adapt(task, 3)
+            reference = reference + sum(
+                w * supervised_loss(forward(model.backbone, trajectory[k + 1], task.query_x), task.query_y)
+                for k, w in enumerate(weights.tolist())
+            )
+        expected = gradients(model, reference / len(batch))
+        assert set(got) == set(expected)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-13, msg=f"epoch {epoch} {name}")
 
 
 def test_mamlpp_refuses_per_step_batchnorm_without_batchnorm():
@@ -325,7 +400,7 @@ VMAP_SETUPS = {
     "ANIL-mlp": lambda: (ANIL(MLP(hidden_sizes=[8, 8]), inner_lr=0.1, inner_steps=2), sine_batch(tasks=4)),
     "ANIL-plain-batchnorm": lambda: (ANIL(Conv4(hidden_channels=4, out_features=3, norm="plain_batch")), None),
     "MAMLPlusPlus-mlp-first-order": lambda: (
-        MAMLPlusPlus(MLP(hidden_sizes=[8, 8]), inner_lr=0.05, inner_steps=3, per_step_bn=False),
+        MAMLPlusPlus(MLP(hidden_sizes=[8, 8]), inner_lr=0.05, inner_steps=3, first_order_epochs=10, per_step_bn=False),
         sine_batch(tasks=4),
     ),
     "MAMLPlusPlus-plain-batchnorm-second-order": lambda: (

@@ -121,6 +121,43 @@ def test_a_model_with_a_5_way_head_is_refused_with_the_fix(data_root):
         lake_test(model, data_root)
 
 
+def test_a_model_with_a_5_way_head_is_refused_at_fit_start_before_any_validation(data_root):
+    # Validation tasks are 20-way as well: the head is checked before fit loads data or trains,
+    # not at the first validation (where a 5-way head met a target out of bounds).
+    model = MAML(Conv4(hidden_channels=8, out_features=5), inner_steps=1)
+    data = LakeOneShotDataModule(root=str(data_root), ways=5, val_tasks=2)
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        max_steps=1,
+    )
+    with pytest.raises(ValueError, match=r"5-way output head.*must be trained 20-way.*--data.ways 20"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 0 and data.sources == {}
+
+
+@pytest.mark.slow
+def test_validation_tasks_depend_on_the_eval_seed_only(data_root):
+    def draw(seed: int, eval_seed: int):
+        dm = LakeOneShotDataModule(root=str(data_root), seed=seed, eval_seed=eval_seed, val_tasks=4)
+        dm.setup("fit")
+        characters = dm.sources["val"].dataset.characters.tolist()
+        return characters, next(iter(dm.val_dataloader())), next(iter(dm.train_dataloader()))
+
+    chars, val, train = draw(seed=0, eval_seed=0)
+    other_chars, other_val, other_train = draw(seed=1, eval_seed=0)
+    # Another training seed: other training tasks, the same validation characters and tasks.
+    assert not torch.equal(train.support_x, other_train.support_x)
+    assert chars == other_chars
+    for field in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(val, field), getattr(other_val, field)), field
+    # Another eval seed: other validation characters.
+    assert draw(seed=0, eval_seed=1)[0] != chars
+
+
 @pytest.mark.slow
 def test_training_reads_the_background_set_only_and_validation_is_held_out(data_root):
     dm = LakeOneShotDataModule(root=str(data_root), val_characters=100)

@@ -3,6 +3,7 @@ JSON files that separate runs saved, and a missing one is named with the command
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def test_report_joins_the_benchmarks_run_separately(tmp_path: Path) -> None:
     five = record(
         "5w1s",
         {"ProtoNet": 97.14, "Relation Nets": 93.46},
-        {"method": "ProtoNet", "error": 11.24, "ci": 3.5, "steps": 700},
+        {"method": "ProtoNet", "selected_by": "validation accuracy", "error": 11.24, "ci": 3.5, "steps": 700},
     )
     twenty = record("20w1s", {"ProtoNet": 88.61, "Relation Nets": 71.04}, None)
     twenty["minutes"] = 6
@@ -61,9 +62,29 @@ def test_report_joins_the_benchmarks_run_separately(tmp_path: Path) -> None:
     assert rows["Relation Nets"].endswith("| 71.0 ± 0.2 (101) | 97.6 (Sung et al.) |")
     assert "| Siamese" not in table  # only methods present in every benchmark's JSON
     assert "5w1s: 8 min, 1000 test episodes; 20w1s: 6 min, 1000 test episodes" in table
-    assert "ProtoNet (best at 5w1s) trained 8 min" in table and "**11.2% error** (± 3.5" in table
+    assert "ProtoNet (best at 5w1s by validation accuracy) trained 8 min" in table
+    assert "**11.2% error** (± 3.5" in table
     assert "700 steps" in table
     assert (tmp_path / "omniglot_val_accuracy.png").stat().st_size > 1000
+
+
+def test_a_run_saved_without_its_selection_criterion_says_it_picked_by_test(tmp_path: Path) -> None:
+    # JSON written before the Lake method was chosen on validation: it was chosen on test.
+    old = record("5w1s", {"ProtoNet": 97.14}, {"method": "ProtoNet", "error": 11.24, "ci": 3.5, "steps": 700})
+    (tmp_path / "omniglot_5w1s.json").write_text(json.dumps(old))
+    done = report(tmp_path, "5w1s")
+    assert done.returncode == 0, done.stderr
+    assert "ProtoNet (best at 5w1s by test accuracy)" in (tmp_path / "omniglot_table.md").read_text()
+
+
+def test_the_lake_method_is_picked_on_validation_not_test_accuracy(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports bench_trainer beside it
+    omniglot_table = importlib.import_module("omniglot_table")
+    methods = record("5w1s", {"ProtoNet": 97.0, "Relation Nets": 95.0, "Matching Nets": 90.0}, None)["methods"]
+    # Relation Nets ends highest on validation though ProtoNet scores higher on test.
+    methods["Relation Nets"]["curve"][-1][1] = 97.5
+    methods["Matching Nets"]["curve"][1][1] = 99.0  # an earlier point does not count: the final model is run
+    assert omniglot_table.pick_for_lake(methods) == "Relation Nets"
 
 
 @pytest.mark.parametrize("present", [[], ["5w1s"]])

@@ -5,9 +5,10 @@ where proven equal and faster: `task_parallel.py`), the meta-gradient accumulate
 chunk so only one chunk's graph is alive at a time, logging (with
 `batch_size` = number of tasks), the outer optimizer and scheduler (injected, so YAML chooses
 them), and the evaluation protocol: every fixed validation/test task scored once, reported
-as the mean over tasks ± the 95% confidence interval (1.96 standard errors), gathered across
-DDP ranks. A subclass implements one method, `task_loss`: adapt on the support set, return
-the query loss and predictions.
+as the mean over tasks ± the 95% confidence interval (the Student-t quantile with n − 1 degrees
+of freedom times the standard error: 2.09 at Lake's 20 runs, 1.96 as n grows), gathered across
+DDP ranks. A subclass implements one method, `task_loss`: adapt on the support set, return the
+query loss and predictions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import random
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -111,12 +113,72 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _student_t_two_sided(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer `df`: the finite series of Abramowitz & Stegun
+    26.7.3-4, exact up to rounding (no scipy needed)."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 1:  # 2/π · (θ + sinθ cosθ · (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + ... up to cos^(df-3)θ))
+        total, term = 0.0, 1.0
+        for k in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        return 2 / math.pi * (theta + s * math.sqrt(c2) * total) if df > 1 else 2 * theta / math.pi
+    total, term = 0.0, 1.0  # sinθ · (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(df-2)θ)
+    for k in range(1, df // 2 + 1):
+        total += term
+        term *= c2 * (2 * k - 1) / (2 * k)
+    return s * total
+
+
+def _solve_increasing(f: Callable[[float], float], target: float) -> float:
+    """The x >= 0 where the increasing `f` reaches `target` (f(0) <= target < sup f), by bisection
+    to the last bit."""
+    low, high = 0.0, 1.0
+    while f(high) < target:
+        low, high = high, 2 * high
+    while (mid := (low + high) / 2) not in (low, high):
+        low, high = (mid, high) if f(mid) < target else (low, mid)
+    return mid
+
+
+# Every quantile asked for is kept: bisection on the series takes ~1 ms at df = 600.
+_T_QUANTILES: dict[tuple[float, int], float] = {}
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """The `p` quantile (0.5 < p < 1) of Student's t distribution with `df` degrees of freedom.
+
+    Bisection on the exact CDF up to 1000 degrees of freedom; beyond, Fisher's expansion in 1/df
+    around the normal quantile (error below 1e-12 there).
+    """
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"student_t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    if (p, df) not in _T_QUANTILES:
+        coverage = 2 * p - 1  # P(|T| <= t) at the quantile
+        if df <= 1000:
+            quantile = _solve_increasing(lambda t: _student_t_two_sided(t, df), coverage)
+        else:
+            z = _solve_increasing(lambda x: math.erf(x / math.sqrt(2)), coverage)  # the normal's
+            g = [
+                (z**3 + z) / 4,
+                (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+                (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+                (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+            ]
+            quantile = z + sum(gi / df ** (i + 1) for i, gi in enumerate(g))
+        _T_QUANTILES[p, df] = quantile
+    return _T_QUANTILES[p, df]
+
+
 def mean_and_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and half-width of its 95% normal confidence interval (1.96 × standard error)."""
+    """Mean and half-width of its 95% confidence interval: t · standard error, t the 0.975
+    quantile of Student's t with n − 1 degrees of freedom (12.71 at n = 2, 2.09 at Lake's 20
+    runs, 1.96 as n grows), so few tasks give an honest, wider interval."""
     n = values.numel()
     if n < 2:
         return values.mean(), torch.zeros((), dtype=values.dtype, device=values.device)
-    return values.mean(), 1.96 * values.std(unbiased=True) / math.sqrt(n)
+    return values.mean(), student_t_quantile(0.975, n - 1) * values.std(unbiased=True) / math.sqrt(n)
 
 
 class MetaLearner(pl.LightningModule):

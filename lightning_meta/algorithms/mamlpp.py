@@ -3,11 +3,17 @@
 MAML with the fixes that make it train stably and better (paper §4, settings as in the authors'
 code): learned per-layer per-step inner learning rates (LSLR); a multi-step loss (MSL) that
 scores the query set after every inner step, with weights annealed over the first epochs from
-uniform to the last step alone; first order for the first epochs, then second order
-(derivative-order annealing, DA); per-step BatchNorm weights and biases (BNWB), which are
+uniform to the last step alone; optionally first order for the first epochs, then second order
+(derivative-order annealing, DA: the paper's text; its released configs run second order
+throughout, the default here); per-step BatchNorm weights and biases (BNWB), which are
 meta-learned but not adapted in the inner loop. Cosine annealing of the outer learning rate
 (CA) is the config's `lr_scheduler`. The paper's per-step running statistics have no analogue
 here: BatchNorm uses batch statistics (DESIGN.md).
+
+Under first order, the BatchNorm weights of step k reach the meta-loss only through the query
+loss after step k + 1 (the support gradient that carries them into later steps is detached). So
+first order with per-step BatchNorm is refused beyond the multi-step-loss phase: once the loss
+scores the last step alone, the weights of every earlier step would get exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ class MAMLPlusPlus(MetaLearner):
         multi_step_loss_epochs: epochs over which the MSL weights anneal to the last step
             (10 in the authors' configs); 0 scores the last step only.
         first_order_epochs: epochs trained first order before switching to second order
-            (50 in the paper); 0 is second order throughout.
+            (0, second order throughout, as in the authors' released configs; the paper's text
+            says 50). With `per_step_bn` and more than one inner step it may not exceed
+            `multi_step_loss_epochs` (see the module docstring).
         per_step_bn: one set of BatchNorm weights and biases per inner step (BNWB); the
             backbone must have BatchNorm layers (any layer whose class name has "BatchNorm").
         optimizer: the outer optimizer (default Adam, lr 1e-3).
@@ -68,7 +76,7 @@ class MAMLPlusPlus(MetaLearner):
         inner_steps: int = 5,
         eval_inner_steps: int | None = None,
         multi_step_loss_epochs: int = 10,
-        first_order_epochs: int = 50,
+        first_order_epochs: int = 0,
         per_step_bn: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -76,6 +84,21 @@ class MAMLPlusPlus(MetaLearner):
         super().__init__(backbone, optimizer, lr_scheduler)
         eval_inner_steps = check_inner_loop_args(inner_lr, inner_steps, eval_inner_steps)
         self.inner_steps, self.eval_inner_steps = inner_steps, eval_inner_steps
+        for key, value in (
+            ("multi_step_loss_epochs", multi_step_loss_epochs),
+            ("first_order_epochs", first_order_epochs),
+        ):
+            if value < 0:
+                raise ValueError(f"model.init_args.{key}={value} must be >= 0")
+        if per_step_bn and inner_steps > 1 and first_order_epochs > multi_step_loss_epochs:
+            raise ValueError(
+                f"model.init_args.first_order_epochs={first_order_epochs} > model.init_args.multi_step_loss_epochs="
+                f"{multi_step_loss_epochs} with model.init_args.per_step_bn=true: from epoch {multi_step_loss_epochs} "
+                f"to {first_order_epochs - 1} the loss scores the last inner step alone and, first order, the "
+                f"BatchNorm weights of steps 0..{inner_steps - 2} would get exactly zero gradient. Set "
+                f"first_order_epochs to at most {multi_step_loss_epochs} (0, second order throughout, as in the "
+                "authors' released configs), or per_step_bn=false"
+            )
         self.multi_step_loss_epochs, self.first_order_epochs = multi_step_loss_epochs, first_order_epochs
         params = named_params(backbone)
         # BatchNorm by class name, so batch-statistics variants written in plain ops count too.
@@ -141,10 +164,11 @@ class MAMLPlusPlus(MetaLearner):
         weights = multi_step_loss_weights(steps, self.current_epoch, self.multi_step_loss_epochs).tolist()
         loss = 0.0
         for k in range(1, steps + 1):
-            # Under first order, step k-1's BatchNorm copy reaches the meta-loss only through the
-            # query loss after step k: score it even at weight 0, so every parameter gets a
-            # gradient (which DDP requires).
-            if weights[k - 1] > 0 or (self.bn_names and self.first_order_now()):
+            # A query loss of weight 0 adds nothing to the meta-gradient: skip its forward. Every
+            # parameter still gets a gradient: second order reaches step k's BatchNorm weights
+            # through the later support losses, and the constructor refuses first order beyond
+            # the multi-step-loss phase, where the weights are all positive.
+            if weights[k - 1] > 0:
                 predictions = forward(self.backbone, trajectory[k], task.query_x)
                 loss = loss + weights[k - 1] * supervised_loss(predictions, task.query_y)
         return TaskOutput(loss, predictions)

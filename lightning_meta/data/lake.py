@@ -214,8 +214,9 @@ class LakeOneShotDataModule(EpisodicDataModule):
         batches_per_epoch: see `EpisodicDataModule`.
         val_tasks: see `EpisodicDataModule`.
         eval_tasks_per_batch: see `EpisodicDataModule`.
-        seed: see `EpisodicDataModule`; also draws the validation characters.
-        eval_seed: see `EpisodicDataModule`.
+        seed: see `EpisodicDataModule`.
+        eval_seed: see `EpisodicDataModule`; also draws the validation characters, so runs with
+            different training seeds are validated on the same characters and tasks.
         num_workers: see `EpisodicDataModule`.
     """
 
@@ -259,6 +260,9 @@ class LakeOneShotDataModule(EpisodicDataModule):
         self.runs: LakeRuns | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        # Validation is 20-way too: refuse a head of another size before fit loads any data,
+        # not at the first validation with a target-out-of-bounds error.
+        _check_model_can_do_20_way(self.trainer)
         if stage != "test":  # the test reads only the runs, not the 30 MB of Omniglot
             super().setup(stage)
 
@@ -270,7 +274,8 @@ class LakeOneShotDataModule(EpisodicDataModule):
                 f"data.val_characters={self.val_characters} leaves no training characters of the "
                 f"{len(background)} background ones: lower it"
             )
-        perm = np.random.default_rng(self.seed).permutation(background)
+        # The held-out characters are part of the evaluation protocol: drawn with `eval_seed`.
+        perm = np.random.default_rng(self.eval_seed).permutation(background)
         splits = {
             "train": OmniglotClasses(data.images, with_rotations(np.sort(perm[self.val_characters :])), data.names),
             "val": OmniglotClasses(data.images, with_rotations(np.sort(perm[: self.val_characters])), data.names),
@@ -294,7 +299,8 @@ class LakeOneShotDataModule(EpisodicDataModule):
 
 
 def _check_model_can_do_20_way(trainer: pl.Trainer | None) -> None:
-    """Refuse a model whose output head has another size than the runs' 20 ways, saying what to do."""
+    """Refuse a model whose output head has another size than the 20 ways of the runs (and of the
+    validation tasks), saying what to do."""
     module = trainer.lightning_module if trainer is not None else None
     if module is None or not getattr(module, "uses_output_head", False):
         return
