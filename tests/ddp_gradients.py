@@ -41,7 +41,9 @@ ALGORITHMS = {
     "protonet": lambda: ProtoNet(Conv4(hidden_channels=8)),
     "metasgd": lambda: MetaSGD(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
     # First order with the multi-step loss: every per-step BatchNorm copy must take part.
-    "mamlpp": lambda: MAMLPlusPlus(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
+    "mamlpp": lambda: MAMLPlusPlus(
+        Conv4(hidden_channels=8, out_features=3), inner_steps=2, multi_step_loss_epochs=10, first_order_epochs=10
+    ),
     "reptile": lambda: Reptile(Conv4(hidden_channels=8, out_features=3), inner_steps=2),
     "siamese": lambda: Siamese(Conv4(hidden_channels=8), loss="koch"),
     "siamese-contrastive": lambda: Siamese(Conv4(hidden_channels=8), loss="contrastive"),

@@ -49,7 +49,9 @@ SETUPS = {
     "MetaSGD": lambda: (MetaSGD(Conv4(hidden_channels=8, out_features=3), inner_steps=2), SyntheticClassesDataModule()),
     "ANIL": lambda: (ANIL(Conv4(hidden_channels=8, out_features=3), inner_steps=2), SyntheticClassesDataModule()),
     "MAMLPlusPlus": lambda: (
-        MAMLPlusPlus(Conv4(hidden_channels=8, out_features=3), inner_steps=2),  # first order, MSL on
+        MAMLPlusPlus(  # first order, multi-step loss on (the default is second order)
+            Conv4(hidden_channels=8, out_features=3), inner_steps=2, multi_step_loss_epochs=10, first_order_epochs=10
+        ),
         SyntheticClassesDataModule(),
     ),
     "MAMLPlusPlus-second-order": lambda: (
