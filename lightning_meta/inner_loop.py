@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Union
 
@@ -73,8 +75,48 @@ def named_params(module: nn.Module, names: Sequence[str] | None = None) -> Param
     return {n: params[n] for n in names}
 
 
+_STATE_NAMES: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+"""Per module, the names `functional_call` can replace: computed once, not on every inner step."""
+
+
+def _state_names(module: nn.Module, refresh: bool = False) -> frozenset[str]:
+    names = None if refresh else _STATE_NAMES.get(module)
+    if names is None:
+        # remove_duplicate=False: a tied parameter may be passed under any of its names.
+        names = frozenset(
+            [n for n, _ in module.named_parameters(remove_duplicate=False)]
+            + [n for n, _ in module.named_buffers(remove_duplicate=False)]
+        )
+        _STATE_NAMES[module] = names
+    return names
+
+
 def forward(module: nn.Module, params: Params, x: Tensor) -> Tensor:
-    """Run `module` on `x` with `params` in place of its own (others, e.g. buffers, unchanged)."""
+    """Run `module` on `x` with `params` in place of its own (others, e.g. buffers, unchanged).
+
+    `params` may name a subset of the module's parameters and buffers, but no other name:
+    `functional_call(strict=False)` alone would drop a mis-named entry (say `wieght`) and
+    silently use the module's own tensor instead.
+
+    Raises:
+        KeyError: a key of `params` is neither a parameter nor a buffer of `module`; the
+            message names it and the closest real names.
+    """
+    # One hash lookup per key against a cached set. A miss rebuilds the set once before failing,
+    # so a parameter registered after the first call is not refused on a stale cache.
+    if not _state_names(module).issuperset(params) and not _state_names(module, refresh=True).issuperset(params):
+        names = _state_names(module)
+        hints = []
+        for key in sorted(set(params) - names):
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+            hints.append(f"{key!r} (closest: {', '.join(map(repr, close))})" if close else repr(key))
+        listed = sorted(names)
+        listed_text = ", ".join(listed[:10]) + (f" and {len(listed) - 10} more" if len(listed) > 10 else "")
+        raise KeyError(
+            f"{type(module).__name__} has no parameter or buffer named {', '.join(hints)}; a mis-named "
+            f"entry would be ignored and the module's own tensor used: fix the key in the dict passed "
+            f"to forward (the module has: {listed_text})"
+        )
     return functional_call(module, params, (x,), strict=False)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_meta.inner_loop import adapt, forward, named_params
+from lightning_meta.inner_loop import adapt, forward, functional_gradients, named_params
 from lightning_meta.models import Conv4
 
 
@@ -169,3 +169,69 @@ def test_negative_steps_are_rejected():
     module = smooth_net()
     with pytest.raises(ValueError, match="inner steps=-1"):
         adapt(mse_of(module, *data(1)), named_params(module), -1, 0.1)
+
+
+def test_a_mis_named_parameter_is_refused_naming_it_and_the_closest_real_name():
+    # Before this check, functional_call(strict=False) dropped `wieght` and used the module's
+    # own weight: the adapted value never reached the forward pass and nothing said so.
+    module = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    params = {"wieght": torch.zeros(2, 3), "bias": torch.zeros(2)}
+    with pytest.raises(KeyError, match=r"Linear has no parameter or buffer named 'wieght' \(closest: 'weight'\)"):
+        forward(module, params, x)
+    with pytest.raises(KeyError, match=r"'0\.wieght' \(closest: '0\.weight'.*'2\.bais' \(closest: '2\.bias'"):
+        forward(smooth_net(), {"0.wieght": torch.zeros(5, 3), "2.bais": torch.zeros(2)}, x)
+    with pytest.raises(KeyError, match=r"named 'context'; .*the module has: bias, weight\)"):
+        forward(module, {"context": torch.zeros(3)}, x)
+
+
+def test_forward_takes_any_subset_of_parameters_and_buffers():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    module.eval()  # normalise with the running statistics, so replacing a buffer shows
+    x = torch.randn(5, 3)
+    assert torch.equal(forward(module, {}, x), module(x))
+    replaced = {"0.bias": torch.zeros(4), "1.running_mean": torch.ones(4)}
+    expected = copy.deepcopy(module)
+    with torch.no_grad():
+        expected[0].bias.zero_()
+        expected[1].running_mean.fill_(1.0)
+    torch.testing.assert_close(forward(module, replaced, x), expected(x), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(expected(x), module(x))
+
+
+def test_a_parameter_registered_after_the_first_call_is_accepted():
+    # The valid names are cached per module; a miss must look again before refusing.
+    module = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    forward(module, {}, x)
+    module.scale = nn.Parameter(torch.ones(1))
+    assert torch.equal(forward(module, {"scale": torch.zeros(1)}, x), module(x))
+
+
+def test_forward_checks_names_under_vmap_and_functional_gradients():
+    # The task-parallel path: per-task adaptation vmapped over tasks, inner gradients from
+    # torch.func.grad. Good names give the loop's result; a bad name is refused there too.
+    module = smooth_net()
+    g = torch.Generator().manual_seed(5)
+    xs, ys = torch.randn(4, 7, 3, generator=g), torch.randn(4, 7, 2, generator=g)
+    params = {n: p.detach() for n, p in named_params(module).items()}
+
+    def adapted(names: dict[str, str]):
+        def per_task(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            renamed = {names.get(n, n): p for n, p in params.items()}
+            theta = adapt(lambda p: (forward(module, p, x) - y).pow(2).mean(), renamed, 2, 0.1, first_order=True)
+            return forward(module, theta[-1], x)
+
+        with functional_gradients():
+            return torch.func.vmap(per_task)(xs, ys)
+
+    looped = torch.stack([mse_adapted_forward(module, params, x, y) for x, y in zip(xs, ys, strict=True)])
+    torch.testing.assert_close(adapted({}), looped, rtol=1e-12, atol=1e-12)
+    with pytest.raises(KeyError, match=r"'2\.wieght' \(closest: '2\.weight'"):
+        adapted({"2.weight": "2.wieght"})
+
+
+def mse_adapted_forward(module: nn.Module, params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    theta = adapt(lambda p: (forward(module, p, x) - y).pow(2).mean(), params, 2, 0.1, first_order=True)
+    return forward(module, theta[-1], x).detach()

@@ -204,11 +204,31 @@ def test_conv4_feature_map_options_keep_the_default_unchanged():
         Conv4(out_features=5, flatten=False)
 
 
-def test_metric_learners_learn_on_synthetic_classes():
-    """30 steps lower the validation loss by a tenth and leave accuracy well above chance (1/3).
+def test_synthetic_splits_have_classes_of_their_own():
+    """No class of one split is a class of another.
 
-    Measured (torch 2.13 CPU): loss 1.84 -> 0.66, 0.72 -> 0.61, 1.07 -> 0.89, 0.27 -> 0.20 and
-    accuracy 0.54 -> 0.56, 0.25 -> 0.60, 0.58 -> 0.87, 0.29 -> 0.69 for the four learners below.
+    Two splits' class means lie farther apart (18.9 at least) than the means of the two halves of
+    one class's examples (10.4 at most). When the splits shared their classes, only the noise new,
+    as this helper once drew them, they were 6.7 apart, and an evaluation score could not tell
+    generalisation from memorisation.
+    """
+    from tests.helpers import SyntheticClassesDataModule
+
+    data = torch.stack([split.data for split in SyntheticClassesDataModule().splits]).flatten(3)
+    halves = torch.linalg.vector_norm(data[:, :, :4].mean(2) - data[:, :, 4:].mean(2), dim=-1)
+    means = data.mean(2)  # [split, class, pixels]
+    closest = min(torch.cdist(means[a], means[b]).min() for a in range(3) for b in range(a + 1, 3))
+    assert closest > halves.max(), f"splits share a class: class means {closest:.1f} apart"
+
+
+def test_metric_learners_learn_on_synthetic_classes():
+    """30 steps on the training classes lower the loss on the (unseen) validation classes by a
+    tenth and leave accuracy there well above chance (1/3).
+
+    Measured (torch 2.13 CPU), loss / accuracy before -> after on the validation classes:
+    siamese 1.61 -> 0.08 / 0.73 -> 1.00, siamese-koch 0.71 -> 0.58 / 0.44 -> 0.79,
+    matching 1.03 -> 0.83 / 0.67 -> 1.00, relation 0.27 -> 0.10 / 0.35 -> 1.00. Adam's rate is
+    3e-3: at 1e-3 Koch's and Matching's losses fell by only 14% and 12% in 30 steps.
     """
     from tests.helpers import SyntheticClassesDataModule
 
@@ -227,7 +247,7 @@ def test_metric_learners_learn_on_synthetic_classes():
         model = build()
         with torch.no_grad():
             before, _ = model.meta_loss(val)
-        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+        optimizer = torch.optim.Adam(model.parameters(), 3e-3)
         for batch in [b for _ in range(3) for b in dm.train_dataloader()]:  # 3 × 10 steps
             optimizer.zero_grad()
             model.meta_loss(batch)[0].backward()

@@ -17,6 +17,7 @@ from lightning_meta.data import (
     task_rng,
 )
 from lightning_meta.data.sampler import TRAIN, VAL
+from lightning_meta.task import Task
 
 
 def labelled_classes(num_classes: int = 12, per_class: int = 8) -> TensorClasses:
@@ -37,6 +38,54 @@ def test_few_shot_task_shapes_labels_and_distinct_classes():
         assert (classes == classes[:, :1]).all(), "a label mixes two source classes"
         assert len(set(classes[:, 0].tolist())) == 5, "classes of a task are not distinct"
         assert len(set(ids.flatten().tolist())) == 25, "an example is drawn twice in one task"
+
+
+def label_to_class(task, ways: int, per_class: int = 8) -> list[int]:
+    """The source class behind each label 0..ways-1 of a task drawn from `labelled_classes`."""
+    classes = (task.support_x.reshape(-1) // per_class).long()
+    return [int(classes[task.support_y == label][0]) for label in range(ways)]
+
+
+def labelling_problems(source: FewShotTasks, ways: int = 5, tasks: int = 300) -> list[str]:
+    """What is wrong with how `source` maps a task's classes to labels (empty: nothing found).
+
+    Labels must be a fresh random permutation of the task's classes: otherwise a label carries
+    meaning across tasks (label 0 = the task's smallest class index) and a learner can score
+    by learning that order instead of adapting to the support set.
+    """
+    problems = []
+    mappings = [label_to_class(source.sample(task_rng(0, TRAIN, i)), ways) for i in range(tasks)]
+    # Where label 0's class ranks among the task's classes (0 = the smallest class index): a
+    # random permutation puts it at each rank in 1/ways of the tasks (60 of 300 expected, binomial
+    # sd 6.9; the bounds are 4 sd away, and the tasks are fixed, so this cannot flake).
+    ranks = np.bincount([sorted(m).index(m[0]) for m in mappings], minlength=ways)
+    expected = tasks / ways
+    if not all(expected / 2 <= r <= expected * 1.5 for r in ranks):
+        problems.append(f"label 0's rank among the task's classes is not uniform: counts {ranks.tolist()}")
+    if sum(m == sorted(m) for m in mappings) > tasks // 20:  # 1/120 of tasks expected
+        problems.append("labels follow the sorted class order in too many tasks")
+    again = [label_to_class(source.sample(task_rng(0, TRAIN, i)), ways) for i in range(tasks)]
+    if again != mappings:
+        problems.append("the label -> class mapping of a fixed task index changes between draws")
+    return problems
+
+
+class SortedLabels(FewShotTasks):
+    """The bug this guards against: labels in sorted class order, every other draw unchanged."""
+
+    def sample(self, rng: np.random.Generator) -> Task:
+        task = super().sample(rng)
+        order = torch.tensor(label_to_class(task, self.ways)).argsort().argsort()  # label -> its rank
+        return Task(task.support_x, order[task.support_y], task.query_x, order[task.query_y])
+
+
+def test_labels_are_a_random_permutation_of_the_task_classes_fixed_per_task_index():
+    source = FewShotTasks(labelled_classes(), ways=5, shots=1, query_shots=1)
+    assert labelling_problems(source) == []
+    # The check above catches a sampler that labels classes in sorted order (which passed every
+    # other test here): make sure it keeps doing so.
+    sorted_problems = labelling_problems(SortedLabels(labelled_classes(), ways=5, shots=1, query_shots=1))
+    assert any("rank" in p for p in sorted_problems) and any("sorted" in p for p in sorted_problems)
 
 
 def test_tasks_are_deterministic_per_seed_and_index():
