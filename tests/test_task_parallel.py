@@ -40,18 +40,20 @@ def meta_gradient(model: MAML, batch: TaskBatch, batching: str, chunk: int | Non
     return objective.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def maml(norm: str, first_order: bool = False) -> MAML:
+def maml(norm: str, first_order: bool = False, downsample: str = "max_pool") -> MAML:
     torch.manual_seed(0)
-    return MAML(
-        Conv4(hidden_channels=4, out_features=3, norm=norm), inner_lr=0.4, inner_steps=2, first_order=first_order
-    )
+    backbone = Conv4(hidden_channels=4, out_features=3, norm=norm, downsample=downsample)
+    return MAML(backbone, inner_lr=0.4, inner_steps=2, first_order=first_order)
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
-@pytest.mark.parametrize("norm", ["none", "group", "plain_batch"])
-def test_vmap_and_chunks_give_the_loop_meta_gradient(norm, first_order):
-    model, batch = maml(norm, first_order), conv_batch()
+@pytest.mark.parametrize(
+    "norm, downsample",
+    [("none", "max_pool"), ("group", "max_pool"), ("plain_batch", "max_pool"), ("plain_batch", "stride")],
+)
+def test_vmap_and_chunks_give_the_loop_meta_gradient(norm, downsample, first_order):
+    model, batch = maml(norm, first_order, downsample), conv_batch()
     assert vmap_blocker(model) is None
     reference_loss, reference = meta_gradient(model, batch, "loop", chunk=4)  # one graph, one backward
     for batching, chunk in [("loop", 1), ("vmap", 4), ("vmap", 3), ("vmap", 1)]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_meta.inner_loop import functional_gradients
+from lightning_meta.models.conv4 import GlobalAvgPool
 from lightning_meta.models.norm import PlainBatchNorm2d
 from lightning_meta.task import Task, TaskBatch
 
@@ -34,6 +35,7 @@ VMAP_PROVEN: tuple[type[nn.Module], ...] = (
     nn.Tanh,
     nn.MaxPool2d,
     nn.Flatten,
+    GlobalAvgPool,
     nn.Identity,
     nn.Sequential,
     nn.GroupNorm,
