@@ -13,6 +13,14 @@ freed before the next, so the loop holds one task's graph at a time and vmap one
 
 `TaskBatching` holds this strategy for one learner (mode, auto-timing, chunk sizing, and the
 state an exactly resumed run needs), so `MetaLearner` only asks it for a `Plan` per step.
+
+Mixed precision: under `precision="16-mixed"` Lightning's `GradScaler` multiplies the loss a
+training step returns before its backward, so that small gradients do not underflow in float16.
+The chunks' own backwards (`torch.autograd.grad`) happen before that, so each chunk's loss is
+multiplied by the same scale first and its gradient divided by it after (exact for the default
+scaler, whose scale is a power of two); an inf or NaN from an overflowing chunk survives both and
+reaches the scaler, which skips the step and lowers its scale as it would for one backward. bf16
+keeps float32's range and has no scaler.
 """
 
 from __future__ import annotations
@@ -142,19 +150,27 @@ def run_vmap(task_loss: Callable[[Task], object], batch: TaskBatch) -> dict[str,
         return torch.func.vmap(one)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
 
-def chunk_gradients(losses: Iterator[tuple[Tensor, float]], params: list[nn.Parameter]) -> tuple[Tensor, list[Tensor]]:
+def chunk_gradients(
+    losses: Iterator[tuple[Tensor, float]], params: list[nn.Parameter], loss_scale: Tensor | None = None
+) -> tuple[Tensor, list[Tensor]]:
     """Sum of `weight × loss` over chunks and its gradient w.r.t. `params`, one chunk at a time.
 
     Each chunk's graph is freed by its own `torch.autograd.grad` before the next chunk is built.
+    With `loss_scale` (a float16 `GradScaler`'s scale), each chunk's backward runs on the scaled
+    loss, as Lightning's own backward would, and the sum is divided by it after: the gradient is
+    the unscaled one, and an overflow (inf) or NaN in any chunk stays in it for the scaler to see.
     """
     total = torch.zeros(())
     grads: list[Tensor] | None = None
     for loss, weight in losses:
         weighted = loss * weight
-        chunk = torch.autograd.grad(weighted, params, allow_unused=True, materialize_grads=True)
+        scaled = weighted if loss_scale is None else weighted * loss_scale
+        chunk = torch.autograd.grad(scaled, params, allow_unused=True, materialize_grads=True)
         grads = list(chunk) if grads is None else [g + c for g, c in zip(grads, chunk, strict=True)]
         total = total.to(weighted) + weighted.detach()
     assert grads is not None, "no chunks"
+    if loss_scale is not None:
+        grads = [g / loss_scale.to(g) for g in grads]
     return total, grads
 
 
@@ -181,18 +197,20 @@ def meta_objective(
     batch: TaskBatch,
     plan: Plan,
     params: list[nn.Parameter],
+    loss_scale: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """The meta-loss, per-task statistics, and the objective whose backward gives the meta-gradient.
 
     One chunk: the objective is the meta-loss itself (one graph, one backward). Several: each
-    chunk's gradient is taken in turn (`chunk_gradients`) and the objective is their
-    `surrogate_loss`, equal in value and gradient.
+    chunk's gradient is taken in turn (`chunk_gradients`, scaled by `loss_scale`) and the
+    objective is their `surrogate_loss`, equal in value and gradient.
 
     Args:
         meta_loss: `(tasks, path) -> (mean query loss, per-task statistics)`.
         batch: the tasks of this step.
         plan: the path and chunk size (`TaskBatching.step`).
         params: the trainable parameters the meta-gradient is taken for.
+        loss_scale: the float16 `GradScaler`'s current scale, if one is active.
     """
     chunks = split(batch, plan.chunk_size)
     if len(chunks) == 1:
@@ -206,7 +224,7 @@ def meta_objective(
             chunk_stats.append(stats)
             yield chunk_loss, len(chunk) / len(batch)
 
-    loss, grads = chunk_gradients(weighted_losses(), params)
+    loss, grads = chunk_gradients(weighted_losses(), params, loss_scale)
     stats = {key: torch.cat([s[key] for s in chunk_stats]) for key in chunk_stats[0]}
     return loss, stats, surrogate_loss(loss, params, grads)
 
