@@ -122,8 +122,8 @@ def test_auto_times_both_paths_then_keeps_one_and_training_matches_the_loop(tmp_
         return model, {n: p.detach().clone() for n, p in model.named_parameters()}
 
     auto, auto_weights = fit("auto")
-    assert [b for b, _ in auto._batching_times] == ["loop", "vmap", "loop", "vmap"]
-    assert auto._chosen_batching in ("loop", "vmap")
+    assert [b for b, _ in auto.task_batcher.times] == ["loop", "vmap", "loop", "vmap"]
+    assert auto.task_batcher.chosen in ("loop", "vmap")
     _, loop_weights = fit("loop")
     for name in loop_weights:
         torch.testing.assert_close(auto_weights[name], loop_weights[name], rtol=1e-9, atol=1e-12)
@@ -131,7 +131,7 @@ def test_auto_times_both_paths_then_keeps_one_and_training_matches_the_loop(tmp_
 
 def test_auto_picks_the_loop_without_timing_when_vmap_is_not_proven():
     model = maml("batch")
-    assert model._batching() == "loop" and model._batching_times == []
+    assert model.task_batcher.training_path(model._check_vmap) == "loop" and model.task_batcher.times == []
 
 
 def test_the_task_batching_callback_sets_the_mode_from_the_trainer_config():
@@ -174,9 +174,11 @@ def test_vmap_chunks_are_sized_from_measured_memory_and_keep_the_meta_gradient(m
     reference_loss, reference = meta_gradient(model, batch, "loop", None)
     # First vmapped step: whole, and it measures the bytes one vmapped task takes.
     meta_gradient(model, batch, "vmap", None)
-    per_task = model._bytes_per_vmapped_task
+    per_task = model.task_batcher.bytes_per_vmapped_task
     assert per_task is not None and per_task > 0
-    assert model._chunk_size("vmap", len(batch)) == len(batch)  # this machine has room for 4
+    assert model.task_batcher.chunk_size_for("vmap", len(batch), model.device) == len(
+        batch
+    )  # this machine has room for 4
     # With free memory for about 1.5 tasks at the host's fraction, chunks of 1 follow.
     monkeypatch.setattr(task_parallel, "memory_free", lambda device: int(1.5 * per_task / 0.5))
     sizes = []

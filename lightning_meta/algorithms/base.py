@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from abc import abstractmethod
 from collections.abc import Callable
 from typing import NamedTuple
@@ -201,27 +200,11 @@ class MetaLearner(pl.LightningModule):
     """Whether `task_loss` is a pure tensor function of the task (no data-dependent Python
     control flow, no `.item()`), so the tasks of a batch can be run under `torch.func.vmap`."""
 
-    task_batching: str = "auto"
-    """"loop", "vmap", or "auto": vmap when `supports_vmap`, every layer of the model is proven
-    equal to the loop under vmap, and vmap timed faster on the first training steps; else loop.
-    A performance setting (results are the same): set it on the instance, or from the CLI with
-    the `lightning_meta.callbacks.TaskBatching` callback."""
-
-    task_chunk_size: int | None = None
-    """Tasks whose graphs are alive at once while the meta-gradient accumulates. None: 1 for
-    the loop; for vmap, as many as fit in `task_parallel.MEMORY_FRACTION` of the free memory
-    (80% of free device memory on CUDA, 50% of the host's MemAvailable on CPU), from the peak
-    measured on the first vmapped step, which runs whole; all the tasks where memory cannot be
-    measured. Set it to trade speed for memory: peak memory grows about linearly with it."""
-
     nonfinite: str = "raise"
     """What a non-finite meta-loss or meta-gradient does: "raise" stops training with a
     FloatingPointError before the step changes any weight; "skip" drops that optimizer step
     (counted in `skipped_steps`, logged as `train/skipped_steps`). Set it on the instance, or
     from the CLI with the `lightning_meta.callbacks.NonFinite` callback."""
-
-    _AUTOTUNE_STEPS = 4
-    """Auto mode times loop, vmap, loop, vmap on the first steps and compares the last two."""
 
     def __init__(
         self,
@@ -235,9 +218,7 @@ class MetaLearner(pl.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self._eval_outputs: list[dict[str, Tensor]] = []
-        self._chosen_batching: str | None = None
-        self._batching_times: list[tuple[str, float]] = []
-        self._bytes_per_vmapped_task: float | None = None
+        self.task_batcher = task_parallel.TaskBatching()
         self._nonfinite_loss: float | None = None
         self._rng_to_restore: dict | None = None
         self.skipped_steps = 0
@@ -267,79 +248,53 @@ class MetaLearner(pl.LightningModule):
             return f"{type(self).__name__}.task_loss is not written to be vmapped (supports_vmap = False)"
         return task_parallel.vmap_blocker(self)
 
-    def _batching(self) -> str:
-        """The path for this training step: fixed, chosen, or the next one to time."""
-        if self.task_batching not in task_parallel.MODES:
-            raise ValueError(f"task_batching={self.task_batching!r} is not one of {task_parallel.MODES}")
-        if self.task_batching == "vmap" and (reason := self._check_vmap()):
-            raise ValueError(f"task_batching='vmap' cannot be used: {reason}; use 'loop' or 'auto'")
-        if self.task_batching != "auto":
-            return self.task_batching
-        if self._chosen_batching is None and self._check_vmap() is not None:
-            self._chosen_batching = "loop"
-        if self._chosen_batching is not None:
-            return self._chosen_batching
-        return ("loop", "vmap")[len(self._batching_times) % 2]
+    @property
+    def task_batching(self) -> str:
+        """How the tasks of a batch run: "loop", "vmap", or "auto" (the default): vmap when
+        `supports_vmap`, every layer of the model is proven equal to the loop under vmap, and vmap
+        timed faster on the first training steps; else loop. A performance setting (results are
+        the same): set it on the instance, or from the CLI with the
+        `lightning_meta.callbacks.TaskBatching` callback. Held, with the auto mode's timings and
+        choice, by `task_batcher` (`task_parallel.TaskBatching`)."""
+        return self.task_batcher.mode
 
-    def _record_batching_time(self, batching: str, seconds: float) -> None:
-        self._batching_times.append((batching, seconds))
-        if len(self._batching_times) < self._AUTOTUNE_STEPS:
-            return
-        last = dict(self._batching_times[-2:])
-        choice = min(last, key=last.get)
+    @task_batching.setter
+    def task_batching(self, mode: str) -> None:
+        self.task_batcher.mode = mode
+
+    @property
+    def task_chunk_size(self) -> int | None:
+        """Tasks whose graphs are alive at once while the meta-gradient accumulates. None (the
+        default): 1 for the loop; for vmap, as many as fit in `task_parallel.MEMORY_FRACTION` of
+        the free memory (80% of free device memory on CUDA, 50% of the host's MemAvailable on
+        CPU), from the peak measured on the first vmapped step, which runs whole; all the tasks
+        where memory cannot be measured. Set it to trade speed for memory: peak memory grows
+        about linearly with it."""
+        return self.task_batcher.chunk_size
+
+    @task_chunk_size.setter
+    def task_chunk_size(self, size: int | None) -> None:
+        self.task_batcher.chunk_size = size
+
+    def _broadcast(self, value: str) -> str:
+        """Rank 0's `value` on every rank (itself outside DDP)."""
         if self._trainer is not None and self.trainer.world_size > 1:
-            choice = self.trainer.strategy.broadcast(choice, src=0)  # all ranks run the same path
-        self._chosen_batching = choice
-        pl.utilities.rank_zero_info(
-            f"{type(self).__name__}: task batching '{choice}' (step time loop {1000 * last['loop']:.0f} ms, "
-            f"vmap {1000 * last['vmap']:.0f} ms)"
-        )
+            return self.trainer.strategy.broadcast(value, src=0)
+        return value
 
-    def _chunk_size(self, batching: str, tasks: int) -> int:
-        if self.task_chunk_size is not None:
-            return self.task_chunk_size
-        if batching == "loop":
-            return 1
-        # vmap: as many tasks per chunk as the free memory holds, measured on the first vmapped
-        # step (which runs whole); all of them where memory cannot be measured.
-        free = task_parallel.memory_free(self.device) if self._bytes_per_vmapped_task else None
-        if free is None:
-            return tasks
-        fraction = task_parallel.MEMORY_FRACTION.get(self.device.type, 0.5)
-        return task_parallel.chunk_for_memory(tasks, self._bytes_per_vmapped_task, free, fraction)
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The trainer's active loss scaler (`precision="16-mixed"`), if any."""
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
-        batching = self._batching()
-        timing = self.task_batching == "auto" and self._chosen_batching is None
-        sizing = batching == "vmap" and self._bytes_per_vmapped_task is None and self.task_chunk_size is None
-        start_bytes = task_parallel.memory_mark(self.device) if sizing else None
-        if timing:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
-        chunks = task_parallel.split(batch, self._chunk_size(batching, len(batch)))
-        if len(chunks) == 1:
-            loss, stats = self.meta_loss(batch, batching)
-            objective = loss
-        else:
-            chunk_stats: list[dict[str, Tensor]] = []
-
-            def weighted_losses():  # noqa: ANN202 - a generator of (loss, weight)
-                for chunk in chunks:
-                    chunk_loss, stats = self.meta_loss(chunk, batching)
-                    chunk_stats.append(stats)
-                    yield chunk_loss, len(chunk) / len(batch)
-
-            params = [p for p in self.parameters() if p.requires_grad]
-            loss, grads = task_parallel.chunk_gradients(weighted_losses(), params)
-            stats = {key: torch.cat([s[key] for s in chunk_stats]) for key in chunk_stats[0]}
-            objective = task_parallel.surrogate_loss(loss, params, grads)
-        if start_bytes is not None and (peak := task_parallel.memory_peak(self.device)) is not None:
-            self._bytes_per_vmapped_task = max(peak - start_bytes, 1) / len(chunks[0])
-        if timing:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self._record_batching_time(batching, time.perf_counter() - start)
+        scaler = self._grad_scaler()
+        # The scale Lightning will multiply the returned loss by, for the chunks' own backwards.
+        loss_scale = scaler.scale(torch.ones((), device=self.device)) if scaler is not None else None
+        params = [p for p in self.parameters() if p.requires_grad]
+        owner = type(self).__name__
+        with self.task_batcher.step(len(batch), self.device, self._check_vmap, self._broadcast, owner) as plan:
+            loss, stats, objective = task_parallel.meta_objective(self.meta_loss, batch, plan, params, loss_scale)
         if not torch.isfinite(loss):
             # Under DDP the decision must be the same on every rank, so it is taken on the
             # all-reduced gradient (`on_before_optimizer_step`), identical on all ranks. A NaN
@@ -352,7 +307,8 @@ class MetaLearner(pl.LightningModule):
         return objective
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop, or skip the step, when the meta-gradient is not finite (see `nonfinite`).
+        """Stop, or skip the step, when the meta-gradient is not finite (see `nonfinite`); under a
+        float16 loss scaler, an overflow with a finite meta-loss is left to the scaler.
 
         One host sync per step (`bool()` of a flag): measured on CPU at 0.08 ms for the sinusoid
         MLP (a MAML step of 25 tasks takes ~90 ms) and 0.9 ms for Conv4-64; on a GPU the sync
@@ -364,6 +320,14 @@ class MetaLearner(pl.LightningModule):
         # propagates through the max); one fused kernel over all tensors where foreach has one.
         finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
         if finite:
+            return
+        if self._grad_scaler() is not None and not self.trainer.strategy.reduce_boolean_decision(
+            local_loss is not None, all=False
+        ):
+            # float16 with a loss scaler, every rank's meta-loss finite: the scaled gradient ran
+            # past float16's range, which GradScaler expects while it searches its scale. It skips
+            # this step itself and lowers the scale. (Every rank gets here together: the gradient
+            # is all-reduced, so the collective above is safe.)
             return
         if local_loss is not None:
             what = f"meta-loss is {local_loss}"
@@ -395,10 +359,9 @@ class MetaLearner(pl.LightningModule):
                 "forbids: use Trainer(inference_mode=False) (`--trainer.inference_mode=false`; the "
                 "lightning-meta CLI sets it by default)"
             )
-        batching = self._chosen_batching or (self.task_batching if self.task_batching != "auto" else "loop")
-        size = self.task_chunk_size or len(batch)
-        for chunk in task_parallel.split(batch, size):
-            _, stats = self.meta_loss(chunk, batching)
+        plan = self.task_batcher.eval_plan(len(batch))
+        for chunk in task_parallel.split(batch, plan.chunk_size):
+            _, stats = self.meta_loss(chunk, plan.path)
             self._eval_outputs.append(stats)
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
@@ -446,8 +409,7 @@ class MetaLearner(pl.LightningModule):
         # count of skipped steps.
         checkpoint["lightning_meta"] = {
             "rng": rng_states(),
-            "chosen_batching": self._chosen_batching,
-            "batching_times": list(self._batching_times),
+            **self.task_batcher.state_dict(),  # chosen_batching, batching_times
             "skipped_steps": self.skipped_steps,
         }
 
@@ -455,8 +417,7 @@ class MetaLearner(pl.LightningModule):
         state = checkpoint.get("lightning_meta")
         if state is None:  # a checkpoint from before these were saved
             return
-        self._chosen_batching = state["chosen_batching"]
-        self._batching_times = [tuple(t) for t in state["batching_times"]]
+        self.task_batcher.load_state_dict(state)
         self.skipped_steps = state["skipped_steps"]
         self._rng_to_restore = state["rng"]
 

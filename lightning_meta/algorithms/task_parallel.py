@@ -10,15 +10,30 @@ second-order meta-gradients under vmap: `lightning_meta/models/norm.py`).
 
 Memory: a meta-gradient is accumulated chunk by chunk (`chunk_gradients`), each chunk's graph
 freed before the next, so the loop holds one task's graph at a time and vmap one chunk's.
+
+`TaskBatching` holds this strategy for one learner (mode, auto-timing, chunk sizing, and the
+state an exactly resumed run needs), so `MetaLearner` only asks it for a `Plan` per step.
+
+Mixed precision: under `precision="16-mixed"` Lightning's `GradScaler` multiplies the loss a
+training step returns before its backward, so that small gradients do not underflow in float16.
+The chunks' own backwards (`torch.autograd.grad`) happen before that, so each chunk's loss is
+multiplied by the same scale first and its gradient divided by it after (exact for the default
+scaler, whose scale is a power of two); an inf or NaN from an overflowing chunk survives both and
+reaches the scaler, which skips the step and lowers its scale as it would for one backward. bf16
+keeps float32's range and has no scaler.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_meta.inner_loop import functional_gradients
@@ -137,19 +152,27 @@ def run_vmap(task_loss: Callable[[Task], object], batch: TaskBatch) -> dict[str,
         return torch.func.vmap(one)(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
 
-def chunk_gradients(losses: Iterator[tuple[Tensor, float]], params: list[nn.Parameter]) -> tuple[Tensor, list[Tensor]]:
+def chunk_gradients(
+    losses: Iterator[tuple[Tensor, float]], params: list[nn.Parameter], loss_scale: Tensor | None = None
+) -> tuple[Tensor, list[Tensor]]:
     """Sum of `weight × loss` over chunks and its gradient w.r.t. `params`, one chunk at a time.
 
     Each chunk's graph is freed by its own `torch.autograd.grad` before the next chunk is built.
+    With `loss_scale` (a float16 `GradScaler`'s scale), each chunk's backward runs on the scaled
+    loss, as Lightning's own backward would, and the sum is divided by it after: the gradient is
+    the unscaled one, and an overflow (inf) or NaN in any chunk stays in it for the scaler to see.
     """
     total = torch.zeros(())
     grads: list[Tensor] | None = None
     for loss, weight in losses:
         weighted = loss * weight
-        chunk = torch.autograd.grad(weighted, params, allow_unused=True, materialize_grads=True)
+        scaled = weighted if loss_scale is None else weighted * loss_scale
+        chunk = torch.autograd.grad(scaled, params, allow_unused=True, materialize_grads=True)
         grads = list(chunk) if grads is None else [g + c for g, c in zip(grads, chunk, strict=True)]
         total = total.to(weighted) + weighted.detach()
     assert grads is not None, "no chunks"
+    if loss_scale is not None:
+        grads = [g / loss_scale.to(g) for g in grads]
     return total, grads
 
 
@@ -162,3 +185,172 @@ def surrogate_loss(value: Tensor, params: list[nn.Parameter], grads: list[Tensor
     """
     linear = sum((p * g.detach()).sum() for p, g in zip(params, grads, strict=True))
     return value.detach() + linear - linear.detach()
+
+
+class Plan(NamedTuple):
+    """How one step runs its tasks: `path` "loop" or "vmap", at most `chunk_size` tasks per chunk."""
+
+    path: str
+    chunk_size: int
+
+
+def meta_objective(
+    meta_loss: Callable[[TaskBatch, str], tuple[Tensor, dict[str, Tensor]]],
+    batch: TaskBatch,
+    plan: Plan,
+    params: list[nn.Parameter],
+    loss_scale: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """The meta-loss, per-task statistics, and the objective whose backward gives the meta-gradient.
+
+    One chunk: the objective is the meta-loss itself (one graph, one backward). Several: each
+    chunk's gradient is taken in turn (`chunk_gradients`, scaled by `loss_scale`) and the
+    objective is their `surrogate_loss`, equal in value and gradient.
+
+    Args:
+        meta_loss: `(tasks, path) -> (mean query loss, per-task statistics)`.
+        batch: the tasks of this step.
+        plan: the path and chunk size (`TaskBatching.step`).
+        params: the trainable parameters the meta-gradient is taken for.
+        loss_scale: the float16 `GradScaler`'s current scale, if one is active.
+    """
+    chunks = split(batch, plan.chunk_size)
+    if len(chunks) == 1:
+        loss, stats = meta_loss(batch, plan.path)
+        return loss, stats, loss
+    chunk_stats: list[dict[str, Tensor]] = []
+
+    def weighted_losses() -> Iterator[tuple[Tensor, float]]:
+        for chunk in chunks:
+            chunk_loss, stats = meta_loss(chunk, plan.path)
+            chunk_stats.append(stats)
+            yield chunk_loss, len(chunk) / len(batch)
+
+    loss, grads = chunk_gradients(weighted_losses(), params, loss_scale)
+    stats = {key: torch.cat([s[key] for s in chunk_stats]) for key in chunk_stats[0]}
+    return loss, stats, surrogate_loss(loss, params, grads)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TaskBatching:
+    """One learner's task-batching strategy: the path (loop or vmap) and chunk size of each step.
+
+    `mode` "auto" times the loop and vmap on alternate first training steps (`AUTOTUNE_STEPS`)
+    and keeps the faster, the same on every DDP rank; a vmap chunk size left unset is sized from
+    the memory the first vmapped step (run whole) took. `state_dict` holds what an exactly
+    resumed run needs (the choice and the timings so far); the memory measure is taken again.
+
+    Args:
+        mode: "auto", "loop" or "vmap" (`MetaLearner.task_batching`).
+        chunk_size: tasks per chunk, or None for the default (`MetaLearner.task_chunk_size`).
+    """
+
+    AUTOTUNE_STEPS = 4
+    """Auto mode times loop, vmap, loop, vmap on the first steps and compares the last two."""
+
+    def __init__(self, mode: str = "auto", chunk_size: int | None = None) -> None:
+        self.mode = mode
+        self.chunk_size = chunk_size
+        self.chosen: str | None = None
+        self.times: list[tuple[str, float]] = []
+        self.bytes_per_vmapped_task: float | None = None
+
+    def training_path(self, vmap_blocker: Callable[[], str | None]) -> str:
+        """The path for this training step: fixed, chosen, or the next one to time.
+
+        Args:
+            vmap_blocker: why the learner's tasks cannot be vmapped, or None if they can.
+        """
+        if self.mode not in MODES:
+            raise ValueError(f"task_batching={self.mode!r} is not one of {MODES}")
+        if self.mode == "vmap" and (reason := vmap_blocker()):
+            raise ValueError(f"task_batching='vmap' cannot be used: {reason}; use 'loop' or 'auto'")
+        if self.mode != "auto":
+            return self.mode
+        if self.chosen is None and vmap_blocker() is not None:
+            self.chosen = "loop"
+        if self.chosen is not None:
+            return self.chosen
+        return ("loop", "vmap")[len(self.times) % 2]
+
+    def chunk_size_for(self, path: str, tasks: int, device: torch.device) -> int:
+        """Tasks per chunk on `path` for a batch of `tasks` (see `MetaLearner.task_chunk_size`)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        if path == "loop":
+            return 1
+        # vmap: as many tasks per chunk as the free memory holds, measured on the first vmapped
+        # step (which runs whole); all of them where memory cannot be measured.
+        free = memory_free(device) if self.bytes_per_vmapped_task else None
+        if free is None:
+            return tasks
+        fraction = MEMORY_FRACTION.get(device.type, 0.5)
+        return chunk_for_memory(tasks, self.bytes_per_vmapped_task, free, fraction)
+
+    def eval_plan(self, tasks: int) -> Plan:
+        """Validation and test: the path training chose (the loop before any choice), and the
+        set chunk size or all the tasks at once (no meta-gradient, so no graphs to hold)."""
+        path = self.chosen or (self.mode if self.mode != "auto" else "loop")
+        return Plan(path, self.chunk_size or tasks)
+
+    @contextmanager
+    def step(
+        self,
+        tasks: int,
+        device: torch.device,
+        vmap_blocker: Callable[[], str | None],
+        broadcast: Callable[[str], str] | None = None,
+        owner: str = "",
+    ) -> Iterator[Plan]:
+        """Plan one training step of `tasks` tasks; time it (auto mode, before the choice) and
+        measure its memory (the first whole vmapped step) around the body of the `with`.
+
+        Args:
+            tasks: the tasks in this step's batch.
+            device: where the step runs (for timing and memory).
+            vmap_blocker: why the tasks cannot be vmapped, or None if they can.
+            broadcast: sends rank 0's value to every rank (DDP), so all ranks keep the same path.
+            owner: the learner's name, for the message that reports the choice.
+        """
+        path = self.training_path(vmap_blocker)
+        timing = self.mode == "auto" and self.chosen is None
+        sizing = path == "vmap" and self.bytes_per_vmapped_task is None and self.chunk_size is None
+        start_bytes = memory_mark(device) if sizing else None
+        if timing:
+            _synchronize(device)
+            start = time.perf_counter()
+        plan = Plan(path, self.chunk_size_for(path, tasks, device))
+        yield plan
+        if start_bytes is not None and (peak := memory_peak(device)) is not None:
+            self.bytes_per_vmapped_task = max(peak - start_bytes, 1) / min(plan.chunk_size, tasks)
+        if timing:
+            _synchronize(device)
+            self.record(path, time.perf_counter() - start, broadcast, owner)
+
+    def record(self, path: str, seconds: float, broadcast: Callable[[str], str] | None = None, owner: str = "") -> None:
+        """Add one timed step; after `AUTOTUNE_STEPS` of them, choose the faster path."""
+        self.times.append((path, seconds))
+        if len(self.times) < self.AUTOTUNE_STEPS:
+            return
+        last = dict(self.times[-2:])
+        choice = min(last, key=last.get)
+        if broadcast is not None:
+            choice = broadcast(choice)  # all ranks run the same path
+        self.chosen = choice
+        rank_zero_info(
+            f"{owner}: task batching '{choice}' (step time loop {1000 * last['loop']:.0f} ms, "
+            f"vmap {1000 * last['vmap']:.0f} ms)"
+        )
+
+    def state_dict(self) -> dict:
+        """The choice and the timings so far (checkpoint keys `chosen_batching`, `batching_times`)."""
+        return {"chosen_batching": self.chosen, "batching_times": list(self.times)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+        self.chosen = state["chosen_batching"]
+        self.times = [tuple(t) for t in state["batching_times"]]
