@@ -36,6 +36,7 @@ _RULE: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("
 support set run ahead of the input); ("groups", G), each run of G consecutive rows separately."""
 
 _PER_EXAMPLE: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_meta_per_example", default=False)
+_OWN_STATISTICS: contextvars.ContextVar[bool] = contextvars.ContextVar("lightning_meta_own_statistics", default=False)
 
 
 def batch_statistics_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -133,7 +134,7 @@ def support_statistics(model: nn.Module, backbone: nn.Module, support_x: Tensor)
 
     def before(_module: nn.Module, args: tuple) -> tuple | None:
         x = args[0]
-        if x is support_x:
+        if x is support_x or _OWN_STATISTICS.get():
             stack.append((_RULE.set(None), 0))
             return None
         rows = support_x.shape[0]
@@ -164,6 +165,20 @@ def support_statistics(model: nn.Module, backbone: nn.Module, support_x: Tensor)
             handle.remove()
         _PER_EXAMPLE.reset(flag_token)
         _RULE.reset(rule_token)  # also undoes a backbone forward that raised half-way
+
+
+@contextlib.contextmanager
+def own_statistics() -> Iterator[None]:
+    """Backbone inputs normalised on their own batch statistics, even under `support_statistics`.
+
+    For an adaptation set that is not the support tensor itself (Reptile's training inner loop
+    runs on support and query together): adaptation keeps its statistics under both protocols.
+    """
+    token = _OWN_STATISTICS.set(True)
+    try:
+        yield
+    finally:
+        _OWN_STATISTICS.reset(token)
 
 
 @contextlib.contextmanager
