@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from lightning_meta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaLearner, MetaSGD, ProtoNet
+from lightning_meta.algorithms.base import PROTOCOLS
 from lightning_meta.callbacks import EvaluationProtocol
 from lightning_meta.cli import run_cli
 from lightning_meta.inner_loop import named_params
@@ -250,3 +252,14 @@ def test_the_cli_option_reaches_the_model_the_logs_and_the_checkpoint(tmp_path):
     default = fit(tmp_path / "default", "--trainer.max_steps=1")
     assert default.model.eval_protocol == "transductive"
     assert float(default.trainer.callback_metrics["val/per_example"]) == 0.0
+
+
+RUN_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps")
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_config_states_its_evaluation_protocol_and_the_papers(config):
+    stated = yaml.safe_load(config.read_text()).get("protocol", {}).get("evaluation")
+    assert stated in PROTOCOLS, f"{config}: say `protocol: evaluation: ...` (README, Evaluation protocol)"
+    line = next(line for line in config.read_text().splitlines() if line.strip().startswith("evaluation:"))
+    assert "#" in line, f"{config}: say beside it which protocol the paper's number used"
