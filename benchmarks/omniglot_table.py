@@ -286,10 +286,15 @@ def report(args: argparse.Namespace) -> None:
                 f"configs/lake/{METHODS[lake['method']]}.yaml): **{lake['error']:.1f}% error** "
                 f"(± {lake['ci']:.1f}, 95% CI over runs). Published: {LAKE_PUBLISHED}.",
             ]
+            per_example = lake.get("per_example")
             lines.append(
-                f"That error is transductive (the 20 test images of a run share BatchNorm statistics); per "
-                f"example, the same weights: {per_example_cell(lake, 'error')}% error. The published numbers "
-                "classify each test image alone."
+                "That error is transductive (the 20 test images of a run share BatchNorm statistics); per example, "
+                + (
+                    f"the same weights: **{per_example['error']:.1f}% error** (± {per_example['ci']:.1f})."
+                    if per_example
+                    else "not measured in this run."
+                )
+                + " The published numbers classify each test image alone."
             )
     table = "\n".join(lines)
     print(table)

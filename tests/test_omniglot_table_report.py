@@ -73,7 +73,7 @@ def test_report_joins_the_benchmarks_run_separately(tmp_path: Path) -> None:
     assert "5w1s: 8 min, 1000 test episodes; 20w1s: 6 min, 1000 test episodes" in table
     assert "ProtoNet (best at 5w1s) trained 8 min" in table and "**11.2% error** (± 3.5" in table
     assert "700 steps" in table
-    assert "per example, the same weights: 14.2 ± 3.7% error" in table
+    assert "per example, the same weights: **14.2% error** (± 3.7)" in table
     assert (tmp_path / "omniglot_val_accuracy.png").stat().st_size > 1000
 
 
