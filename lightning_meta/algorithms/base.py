@@ -20,6 +20,7 @@ import math
 import random
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -346,7 +347,7 @@ class MetaLearner(pl.LightningModule):
         keys = "model.init_args.inner_lr or " if "inner_lr" in self.hparams else ""
         return keys + "the outer rate model.init_args.optimizer.init_args.lr"
 
-    def _task_loss_under_protocol(self):  # noqa: ANN202 - Callable[[Task], TaskOutput]
+    def _task_loss_under_protocol(self) -> Callable[[Task], TaskOutput]:
         """`task_loss`, run under this phase's protocol (`eval_protocol` or `train_protocol`)."""
         key, protocol = ("training", self.train_protocol) if self.training else ("evaluation", self.eval_protocol)
         if protocol not in PROTOCOLS:
