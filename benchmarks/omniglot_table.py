@@ -11,6 +11,11 @@ choose what is tested) is trained again, the same budget, from its `configs/lake
 (Omniglot background set only) and scored on Lake's 20 one-shot runs: % error over the 400 test
 images.
 
+Every trained model is tested twice, the same weights under both evaluation protocols (README,
+"Evaluation protocol"): transductive (BatchNorm over each episode's support set and all its
+queries, the default, what `acc`/`error` hold) and per example (each query normalised with its
+support set's statistics alone, `per_example` in the JSON). Validation curves are transductive.
+
 Writes, under `--out` (default benchmarks/results/): `omniglot_<benchmark>.json` per benchmark
 (the scores, steps, validation curves and settings; the Lake result rides with the first), then
 `omniglot_table.md` (the table as printed) and `omniglot_val_accuracy.png` (validation accuracy
@@ -73,6 +78,13 @@ PUBLISHED = {  # accuracy %, 1-shot, Vinyals split: the papers' Table 1
     ("first-order MAML", "20w1s"): "89.4 (Nichol et al.)",
 }
 LAKE_PUBLISHED = "Siamese convnet (Koch et al.) 8.0%, people 4.5%, BPL 3.3%"
+PUBLISHED_PROTOCOL = {  # the protocol of the published numbers (configs' headers say where it was read)
+    "ProtoNet": "per example (running statistics)",
+    "Siamese (Koch loss)": "unverified (Koch's net has no BatchNorm)",
+    "Matching Nets": "unverified",
+    "Relation Nets": "transductive",
+    "first-order MAML": "transductive",
+}
 
 
 class TrainingClock(pl.Callback):
@@ -117,6 +129,16 @@ def pick_for_lake(methods: dict[str, dict]) -> str:
     """The method to score on Lake's runs: the highest validation accuracy at the end of training
     (the last point of each method's `curve` of (seconds, accuracy %)); test accuracy plays no part."""
     return max(methods, key=lambda name: methods[name]["curve"][-1][1])
+
+
+def per_example_accuracy(model: MetaLearner, batches: Iterable) -> dict[str, float]:
+    """`accuracy` of the same weights under the per-example protocol: `{"acc", "ci"}`."""
+    model.eval_protocol = "per_example"
+    try:
+        acc, ci = accuracy(model, batches)
+    finally:
+        model.eval_protocol = "transductive"
+    return {"acc": acc, "ci": ci}
 
 
 def build(config: Path, args: argparse.Namespace) -> tuple[MetaLearner, pl.LightningDataModule]:
@@ -183,6 +205,7 @@ def run_benchmark(benchmark: str, args: argparse.Namespace, lake: bool) -> None:
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "protocol": "transductive",  # of `acc` and Lake's `error`; `per_example` holds the other
         "methods": {},
         "lake": None,
     }
@@ -194,6 +217,9 @@ def run_benchmark(benchmark: str, args: argparse.Namespace, lake: bool) -> None:
         acc, ci = accuracy(model, data.test_dataloader())  # streamed: 1000 20-way episodes are 1 GB
         record["methods"][name] = {"acc": acc, "ci": ci, "steps": steps, "curve": clock.curve}
         print(f"{benchmark} {name}: {acc:.1f} ± {ci:.1f}% after {steps} steps", flush=True)
+        per_example = per_example_accuracy(model, data.test_dataloader())
+        record["methods"][name]["per_example"] = per_example
+        print(f"{benchmark} {name}, per example: {per_example['acc']:.1f} ± {per_example['ci']:.1f}%", flush=True)
 
     if lake:
         best = pick_for_lake(record["methods"])
@@ -209,9 +235,24 @@ def run_benchmark(benchmark: str, args: argparse.Namespace, lake: bool) -> None:
             "steps": model.global_step,
         }
         print(f"Lake {best}: {100 - acc:.1f} ± {ci:.1f}% error", flush=True)
+        per_example = per_example_accuracy(model, data.test_dataloader())
+        record["lake"]["per_example"] = {"error": 100 - per_example["acc"], "ci": per_example["ci"]}
+        print(f"Lake {best}, per example: {100 - per_example['acc']:.1f} ± {per_example['ci']:.1f}% error", flush=True)
     path = args.out / f"omniglot_{benchmark}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}", flush=True)
+
+
+PROTOCOLS_NOTE = (
+    "Transductive: BatchNorm over each episode's support set and all its queries (the default); per example: "
+    "the same weights, each query normalised with its support set's statistics alone (README, Evaluation protocol)."
+)
+
+
+def per_example_cell(scores: dict, key: str) -> str:
+    """`scores`' per-example `key` ± CI, or — for results saved before both protocols were scored."""
+    per_example = scores.get("per_example")
+    return f"{per_example[key]:.1f} ± {per_example['ci']:.1f}" if per_example else "—"
 
 
 def report(args: argparse.Namespace) -> None:
@@ -233,15 +274,22 @@ def report(args: argparse.Namespace) -> None:
         + f". torch {first['torch']}, threads: {first['threads']}, seed {first['seed']}. "
         "Published numbers are the papers', at their full budgets.",
         "",
-        "| method | " + " | ".join(f"{b} (steps) | {b} published" for b in records) + " |",
-        "|---|" + "---:|---:|" * len(records),
+        PROTOCOLS_NOTE,
+        "",
+        "| method | "
+        + " | ".join(f"{b} transductive (steps) | {b} per example | {b} published" for b in records)
+        + " | published protocol |",
+        "|---|" + "---:|---:|---:|" * len(records) + "---|",
     ]
     for name in methods:
         cells = []
         for b, r in records.items():
             m = r["methods"][name]
-            cells.append(f"{m['acc']:.1f} ± {m['ci']:.1f} ({m['steps']}) | {PUBLISHED.get((name, b), '')}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            cells.append(
+                f"{m['acc']:.1f} ± {m['ci']:.1f} ({m['steps']}) | {per_example_cell(m, 'acc')} | "
+                f"{PUBLISHED.get((name, b), '')}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {PUBLISHED_PROTOCOL.get(name, '')} |")
     for b, r in records.items():
         if r["lake"]:
             lake = r["lake"]
@@ -254,6 +302,16 @@ def report(args: argparse.Namespace) -> None:
                 f"configs/lake/{METHODS[lake['method']]}.yaml): **{lake['error']:.1f}% error** "
                 f"(± {lake['ci']:.1f}, 95% CI over runs). Published: {LAKE_PUBLISHED}.",
             ]
+            per_example = lake.get("per_example")
+            lines.append(
+                "That error is transductive (the 20 test images of a run share BatchNorm statistics); per example, "
+                + (
+                    f"the same weights: **{per_example['error']:.1f}% error** (± {per_example['ci']:.1f})."
+                    if per_example
+                    else "not measured in this run."
+                )
+                + " The published numbers classify each test image alone."
+            )
     table = "\n".join(lines)
     print(table)
     (args.out / "omniglot_table.md").write_text(table + "\n")

@@ -11,9 +11,11 @@ strategy), so it is set with the trainer, not in the algorithm's hyperparameters
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytorch_lightning as pl
 
-from lightning_meta.algorithms.base import MetaLearner
+from lightning_meta.algorithms.base import PROTOCOLS, MetaLearner
 from lightning_meta.algorithms.task_parallel import MODES
 
 
@@ -67,3 +69,53 @@ class NonFinite(pl.Callback):
         if not isinstance(pl_module, MetaLearner):
             raise TypeError(f"NonFinite works with MetaLearner modules, not {type(pl_module).__name__}")
         pl_module.nonfinite = self.action
+
+
+class EvaluationProtocol(pl.Callback):
+    """Transductive or per-example BatchNorm statistics, for evaluation and for training.
+
+    "transductive" (the default, and the MAML, Reptile and Relation Networks papers' protocol):
+    BatchNorm normalises with the statistics of the whole batch the algorithm forms, the
+    support set and every query of the task, so a query's prediction depends on the other
+    queries. "per_example": every query is normalised with the support set's statistics alone
+    (`lightning_meta.models.norm.support_statistics`), as a model that is shown one query at a
+    time would be; adaptation on the support set is unchanged. The lightning-meta CLI always
+    has this callback, as `--protocol.evaluation` / `--protocol.training` (YAML: `protocol:`).
+
+    Checkpoints record both settings; resuming training under another training protocol warns.
+
+    Args:
+        evaluation: the validation and test protocol.
+        training: the meta-training protocol (train as you evaluate: set both alike).
+    """
+
+    def __init__(
+        self,
+        evaluation: Literal["transductive", "per_example"] = "transductive",
+        training: Literal["transductive", "per_example"] = "transductive",
+    ) -> None:
+        for key, value in (("evaluation", evaluation), ("training", training)):
+            if value not in PROTOCOLS:
+                raise ValueError(f"protocol.{key}={value!r} is not one of {PROTOCOLS}")
+        self.evaluation, self.training = evaluation, training
+        self._trained_with: str | None = None  # the training protocol of a checkpoint resumed from
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, MetaLearner):
+            raise TypeError(f"EvaluationProtocol works with MetaLearner modules, not {type(pl_module).__name__}")
+        pl_module.eval_protocol, pl_module.train_protocol = self.evaluation, self.training
+
+    def state_dict(self) -> dict[str, str]:
+        return {"evaluation": self.evaluation, "training": self.training}
+
+    def load_state_dict(self, state_dict: dict[str, str]) -> None:
+        # Evaluating a checkpoint under either protocol is legitimate; changing how it is trained
+        # half-way is worth a word.
+        self._trained_with = state_dict.get("training")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._trained_with is not None and self._trained_with != self.training:
+            pl.utilities.rank_zero_warn(
+                f"resuming a checkpoint trained with protocol.training={self._trained_with!r} under "
+                f"protocol.training={self.training!r}"
+            )

@@ -26,6 +26,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from lightning_meta.algorithms.base import MetaLearner
+from lightning_meta.callbacks import EvaluationProtocol
 from lightning_meta.checkpoint_io import AtomicCheckpointIO
 from lightning_meta.data.datamodule import EpisodicDataModule
 
@@ -145,6 +146,8 @@ class LightningMetaCLI(LightningCLI):
         # Always a checkpoint callback, configurable as `checkpoint.*`; `last.ckpt` is what a
         # resumed or tested run points at (`--ckpt_path .../last.ckpt`).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Always the evaluation protocol, so every run's config says which one its numbers used.
+        parser.add_lightning_class_args(EvaluationProtocol, "protocol")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,

@@ -14,8 +14,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "omniglot_table.py"
 
 
-def record(benchmark: str, accs: dict[str, float], lake: dict | None) -> dict:
-    return {
+def record(benchmark: str, accs: dict[str, float], lake: dict | None, per_example: bool = False) -> dict:
+    saved = {
         "benchmark": benchmark,
         "minutes": 8,
         "test_episodes": 1000,
@@ -29,6 +29,12 @@ def record(benchmark: str, accs: dict[str, float], lake: dict | None) -> dict:
         },
         "lake": lake,
     }
+    if per_example:  # the same weights scored per example (results saved before that have none)
+        for method in saved["methods"].values():
+            method["per_example"] = {"acc": method["acc"] - 2, "ci": 0.3}
+        if lake:
+            lake["per_example"] = {"error": lake["error"] + 3, "ci": 3.7}
+    return saved
 
 
 def report(out: Path, *benchmarks: str) -> subprocess.CompletedProcess:
@@ -45,6 +51,7 @@ def test_report_joins_the_benchmarks_run_separately(tmp_path: Path) -> None:
         "5w1s",
         {"ProtoNet": 97.14, "Relation Nets": 93.46},
         {"method": "ProtoNet", "selected_by": "validation accuracy", "error": 11.24, "ci": 3.5, "steps": 700},
+        per_example=True,
     )
     twenty = record("20w1s", {"ProtoNet": 88.61, "Relation Nets": 71.04}, None)
     twenty["minutes"] = 6
@@ -55,16 +62,20 @@ def test_report_joins_the_benchmarks_run_separately(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     table = (tmp_path / "omniglot_table.md").read_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert (
-        rows["ProtoNet"]
-        == "| ProtoNet | 97.1 ± 0.2 (100) | 98.8 (Snell et al.) | 88.6 ± 0.2 (100) | 96.0 (Snell et al.) |"
+    # Each benchmark: transductive (steps), per example (— where the run predates it), published;
+    # then the protocol of the published numbers.
+    assert rows["ProtoNet"] == (
+        "| ProtoNet | 97.1 ± 0.2 (100) | 95.1 ± 0.3 | 98.8 (Snell et al.) | 88.6 ± 0.2 (100) | — | "
+        "96.0 (Snell et al.) | per example (running statistics) |"
     )
-    assert rows["Relation Nets"].endswith("| 71.0 ± 0.2 (101) | 97.6 (Sung et al.) |")
+    assert rows["Relation Nets"].endswith("| 71.0 ± 0.2 (101) | — | 97.6 (Sung et al.) | transductive |")
+    assert "| method | 5w1s transductive (steps) | 5w1s per example | 5w1s published | 20w1s transductive" in table
     assert "| Siamese" not in table  # only methods present in every benchmark's JSON
     assert "5w1s: 8 min, 1000 test episodes; 20w1s: 6 min, 1000 test episodes" in table
     assert "ProtoNet (best at 5w1s by validation accuracy) trained 8 min" in table
     assert "**11.2% error** (± 3.5" in table
     assert "700 steps" in table
+    assert "per example, the same weights: **14.2% error** (± 3.7)" in table
     assert (tmp_path / "omniglot_val_accuracy.png").stat().st_size > 1000
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.inner_loop import adapt, forward, named_params
+from lightning_meta.models.norm import prepended_rows
 from lightning_meta.task import Params, Task
 
 
@@ -73,12 +74,24 @@ class ANIL(MetaLearner):
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The head's input (the body's features) and the backbone's output, both at θ0."""
         captured: list[Tensor] = []
-        hook = self.head_module.register_forward_hook(lambda _m, args, out: captured.extend((args[0], out)))
+        skipped: list[int] = []
+
+        def keep(_module: nn.Module, args: tuple, out: Tensor) -> None:
+            # Per-example evaluation runs the support set ahead of x (models/norm.py): keep x's rows.
+            skip = prepended_rows()
+            skipped.append(skip)
+            captured.extend((args[0][skip:], out if not skip else out[skip:]))
+
+        hook = self.head_module.register_forward_hook(keep)
         try:
             output = self.backbone(x)
         finally:
             hook.remove()
-        if len(captured) != 2 or captured[1] is not output:
+        # With rows skipped the backbone's output is a slice of the head's: the shapes must agree.
+        gives_output = len(captured) == 2 and (
+            captured[1] is output if not skipped[0] else captured[1].shape == output.shape
+        )
+        if not gives_output:
             raise ValueError(f"ANIL head {self.head!r} must run once per forward and give the backbone's output")
         return captured[0], output
 

@@ -9,6 +9,10 @@ as the mean over tasks ± the 95% confidence interval (the Student-t quantile wi
 of freedom times the standard error: 2.09 at Lake's 20 runs, 1.96 as n grows), gathered across
 DDP ranks. A subclass implements one method, `task_loss`: adapt on the support set, return the
 query loss and predictions.
+
+Evaluation is transductive by default (BatchNorm on the batch statistics of the support set
+and all queries, as in the MAML and Reptile papers); `eval_protocol = "per_example"` scores
+each query independently of the others, for every algorithm (`models/norm.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms import task_parallel
+from lightning_meta.models.norm import support_statistics
 from lightning_meta.task import Task, TaskBatch
+
+PROTOCOLS = ("transductive", "per_example")
+"""How queries are normalised: "transductive", BatchNorm on the statistics of the batch it is
+given (the support set and all queries of the task, as the algorithm batches them);
+"per_example", every query normalised with the support set's statistics alone, so no query's
+prediction depends on another query (`lightning_meta.models.norm.support_statistics`)."""
 
 
 class TaskOutput(NamedTuple):
@@ -206,6 +217,15 @@ class MetaLearner(pl.LightningModule):
     (counted in `skipped_steps`, logged as `train/skipped_steps`). Set it on the instance, or
     from the CLI with the `lightning_meta.callbacks.NonFinite` callback."""
 
+    eval_protocol: str = "transductive"
+    """Validation and test protocol, one of `PROTOCOLS` ("transductive" by default). Changes the
+    numbers, not the weights: set it on the instance, or from the CLI (`--protocol.evaluation
+    per_example`, the `lightning_meta.callbacks.EvaluationProtocol` callback)."""
+
+    train_protocol: str = "transductive"
+    """The same choice for meta-training (`--protocol.training`), to train a model as it will
+    be evaluated."""
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -230,7 +250,7 @@ class MetaLearner(pl.LightningModule):
     def forward(self, batch: TaskBatch, batching: str = "loop") -> TaskOutput:
         """Every task's output, stacked: `loss` `[tasks]`, `predictions` `[tasks, ...]`."""
         run = task_parallel.run_vmap if batching == "vmap" else task_parallel.run_loop
-        out = run(self.task_loss, batch)
+        out = run(self._task_loss_under_protocol(), batch)
         return TaskOutput(out["loss"], out["predictions"], out.get("loss_before"))
 
     def meta_loss(self, batch: TaskBatch, batching: str = "loop") -> tuple[Tensor, dict[str, Tensor]]:
@@ -352,6 +372,20 @@ class MetaLearner(pl.LightningModule):
         keys = "model.init_args.inner_lr or " if "inner_lr" in self.hparams else ""
         return keys + "the outer rate model.init_args.optimizer.init_args.lr"
 
+    def _task_loss_under_protocol(self) -> Callable[[Task], TaskOutput]:
+        """`task_loss`, run under this phase's protocol (`eval_protocol` or `train_protocol`)."""
+        key, protocol = ("training", self.train_protocol) if self.training else ("evaluation", self.eval_protocol)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol.{key}={protocol!r} is not one of {PROTOCOLS}")
+        if protocol == "transductive":
+            return self.task_loss
+
+        def per_example(task: Task) -> TaskOutput:
+            with support_statistics(self, self.backbone, task.support_x):
+                return self.task_loss(task)
+
+        return per_example
+
     def _eval_step(self, batch: TaskBatch, stage: str) -> None:
         if self.adapts_with_gradients and torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -395,6 +429,8 @@ class MetaLearner(pl.LightningModule):
                 self.log(f"{stage}/error", 100 * (1 - mean))
                 self.log(f"{stage}/error_ci95", 100 * ci95)
         self.log(f"{stage}/tasks", float(values.numel()))
+        # Which protocol these numbers used, beside them in every log and results table.
+        self.log(f"{stage}/per_example", float(self.eval_protocol == "per_example"))
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

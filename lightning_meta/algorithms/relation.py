@@ -20,6 +20,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput
+from lightning_meta.models.norm import query_groups
 from lightning_meta.task import Task
 
 
@@ -121,6 +122,9 @@ class RelationNetworks(MetaLearner):
             [classes.unsqueeze(0).expand(Q, *classes.shape), queries.unsqueeze(1).expand(Q, ways, *queries.shape[1:])],
             dim=2,
         )  # [Q, ways, 2C, H, W]: class map first, then the query's, as in the paper's code
-        scores = self.relation(pairs.flatten(0, 1)).view(Q, ways)
+        # The relation module's BatchNorm sees every (query, class) pair of the task: under the
+        # per-example protocol each query's `ways` pairs are normalised among themselves instead.
+        with query_groups(ways):
+            scores = self.relation(pairs.flatten(0, 1)).view(Q, ways)
         loss = F.mse_loss(scores, relation_targets(task.query_y, ways, scores.dtype))
         return TaskOutput(loss, scores)

@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.inner_loop import forward, named_params
+from lightning_meta.models.norm import own_statistics
 from lightning_meta.task import Params, Task
 
 
@@ -81,7 +82,8 @@ class Reptile(MetaLearner):
         else:
             optimizer = torch.optim.Adam(params.values(), lr=self.inner_lr, betas=(0.0, 0.999))
         trajectory = [{n: p.detach().clone() for n, p in params.items()}]
-        with torch.enable_grad():
+        # Training adapts on support and query together: on their own statistics under either protocol.
+        with torch.enable_grad(), own_statistics():
             for _ in range(steps):
                 loss = supervised_loss(forward(self.backbone, params, x), y)
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, materialize_grads=True)
