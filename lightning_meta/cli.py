@@ -142,8 +142,9 @@ class LightningMetaCLI(LightningCLI):
             default=False,
             help="after `fit`, run the test tasks on the final weights and print the results",
         )
-        # Always a checkpoint callback, configurable as `checkpoint.*`; `last.ckpt` is what a
-        # resumed or tested run points at (`--ckpt_path .../last.ckpt`).
+        # A checkpoint callback unless `--trainer.enable_checkpointing=false`, configurable as
+        # `checkpoint.*`; `last.ckpt` is what a resumed or tested run points at
+        # (`--ckpt_path .../last.ckpt`).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -168,6 +169,20 @@ class LightningMetaCLI(LightningCLI):
             print("lightning-meta: W&B is not logged in; logging offline (`wandb sync` uploads later)")
         self._link_ways_to_head(config)
         self._check_inference_mode(config)
+        self._check_checkpoint_options(config)
+
+    def _check_checkpoint_options(self, config: Any) -> None:
+        """Refuse `checkpoint.*` options that `trainer.enable_checkpointing=false` would ignore."""
+        if _get(config, "trainer.enable_checkpointing") is not False:
+            return
+        defaults = self._parser(self.subcommand).get_defaults().get("checkpoint")
+        given = {key: value for key, value in config["checkpoint"].items() if value != defaults.get(key)}
+        if given:
+            options = ", ".join(f"checkpoint.{key}={value}" for key, value in given.items())
+            raise ValueError(
+                f"trainer.enable_checkpointing=false writes no checkpoint, so the checkpoint options "
+                f"{options} would be ignored: remove them, or --trainer.enable_checkpointing=false"
+            )
 
     @staticmethod
     def _check_inference_mode(config: Any) -> None:
@@ -207,7 +222,13 @@ class LightningMetaCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        # LightningCLI.instantiate_trainer, but without the `checkpoint` callback when checkpointing
+        # is off: Lightning refuses a ModelCheckpoint with enable_checkpointing=False.
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        trainer = self._instantiate_trainer(config, callbacks)
         # Atomic checkpoint writes, unless the user chose a CheckpointIO of their own.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
