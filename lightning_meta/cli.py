@@ -5,7 +5,8 @@ CLI is the registry and a new algorithm needs no code here. What this file adds 
 CLI: defaults that meta-learning needs (`inference_mode=False`, since evaluation adapts with
 gradients; W&B + CSV logging, W&B offline unless the user is logged in; a checkpoint callback
 that keeps `last.ckpt`, written atomically), the number of ways linked to the backbone's
-output size, `--test_after_fit`, and a "did you mean" for a mistyped option.
+output size, `--test_after_fit`, a "did you mean" for a mistyped option, and the project's own
+error messages as one `error:` line instead of tracebacks (`LIGHTNING_META_TRACEBACK=1` shows them).
 """
 
 from __future__ import annotations
@@ -13,22 +14,31 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import linecache
 import netrc
 import os
 import re
 import sys
+from multiprocessing.pool import RemoteTraceback
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+import jsonargparse
 import pytorch_lightning as pl
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.trainer.states import TrainerStatus
 
 from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.callbacks import EvaluationProtocol
 from lightning_meta.checkpoint_io import AtomicCheckpointIO
 from lightning_meta.data.datamodule import EpisodicDataModule
+
+TRACEBACK_VARIABLE = "LIGHTNING_META_TRACEBACK"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_JSONARGPARSE_DIR = Path(jsonargparse.__file__).resolve().parent
 
 
 def wandb_logged_in() -> bool:
@@ -110,6 +120,47 @@ def _dotted_hint(bad: str, known: list[str]) -> str:
     return f"'{bad}' is not an option; `lightning-meta fit --help` lists the options"
 
 
+def _raised_at(err: BaseException) -> tuple[Path, str] | None:
+    """The file and source line of the innermost frame of `err`'s traceback, where it was raised."""
+    remote = err.__cause__
+    if isinstance(remote, RemoteTraceback) and (frames := re.findall(r'File "([^"]+)", line (\d+)', remote.tb)):
+        # A worker's exception, re-raised by multiprocessing.pool with the worker's traceback as text.
+        filename, lineno = frames[-1][0], int(frames[-1][1])
+    else:
+        tb = err.__traceback__
+        if tb is None:
+            return None
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        filename, lineno = tb.tb_frame.f_code.co_filename, tb.tb_lineno
+    return Path(filename).resolve(), linecache.getline(filename, lineno).strip()
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The message of an error that tells the user what to change, or None for anything else.
+
+    That is a `raise` statement of lightning-meta itself (its checks of config values, data and
+    training, whatever the exception type), or Lightning's `MisconfigurationException`, found
+    under the wrappers jsonargparse puts around errors of the classes it instantiates. Anything
+    else (an error raised by a failing operation rather than a `raise`, or from code that is not
+    lightning-meta's) may be a bug: None, so that its traceback is shown.
+
+    Args:
+        err: the exception that ended the command.
+    """
+    # jsonargparse re-raises a constructor's error as "Does not validate against any of the Union
+    # subtypes ... Given value: Namespace(...)" from the original.
+    while err.__cause__ is not None and (where := _raised_at(err)) and where[0].is_relative_to(_JSONARGPARSE_DIR):
+        err = err.__cause__
+    if not isinstance(err, MisconfigurationException):
+        where = _raised_at(err)
+        if where is None or not where[0].is_relative_to(_PACKAGE_DIR) or not where[1].startswith("raise "):
+            return None
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        return str(err.args[0])  # str() of a KeyError quotes its message
+    return str(err)
+
+
 class MetaArgumentParser(LightningArgumentParser):
     """Errors end with a "did you mean" for a mistyped option, after a one-line usage (not the
     full list of every option, which buries the error)."""
@@ -134,7 +185,36 @@ class MetaArgumentParser(LightningArgumentParser):
 
 
 class LightningMetaCLI(LightningCLI):
-    """LightningCLI with meta-learning defaults; see the module docstring."""
+    """LightningCLI with meta-learning defaults; see the module docstring.
+
+    Args:
+        args: `LightningCLI`'s positional arguments.
+        report_errors: print an error that tells the user what to change (`user_error_message`)
+            as the usage line and one `error:` line, and exit with status 2, as a mistyped option
+            does; unless the environment variable `LIGHTNING_META_TRACEBACK` is set (and not 0),
+            which raises it with its traceback. False (for code and tests) always raises.
+        kwargs: `LightningCLI`'s keyword arguments.
+    """
+
+    def __init__(self, *args: Any, report_errors: bool = False, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception as err:
+            if not report_errors or os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+                raise
+            if (message := user_error_message(err)) is None:
+                raise
+            trainer = getattr(self, "trainer", None)
+            if (
+                trainer is not None
+                and trainer.state.status == TrainerStatus.INTERRUPTED
+                and trainer.progress_bar_callback
+            ):
+                print(flush=True)  # end the progress bar's line (on stdout), or the error starts on it
+            if hasattr(self, "parser"):
+                self._parser(getattr(self, "subcommand", None)).print_usage(sys.stderr)
+            sys.stderr.write(f"error: {message}\n")
+            raise SystemExit(2) from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -143,8 +223,9 @@ class LightningMetaCLI(LightningCLI):
             default=False,
             help="after `fit`, run the test tasks on the final weights and print the results",
         )
-        # Always a checkpoint callback, configurable as `checkpoint.*`; `last.ckpt` is what a
-        # resumed or tested run points at (`--ckpt_path .../last.ckpt`).
+        # A checkpoint callback unless `--trainer.enable_checkpointing=false`, configurable as
+        # `checkpoint.*`; `last.ckpt` is what a resumed or tested run points at
+        # (`--ckpt_path .../last.ckpt`).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # Always the evaluation protocol, so every run's config says which one its numbers used.
         parser.add_lightning_class_args(EvaluationProtocol, "protocol")
@@ -170,7 +251,22 @@ class LightningMetaCLI(LightningCLI):
             os.environ["WANDB_MODE"] = "offline"
             print("lightning-meta: W&B is not logged in; logging offline (`wandb sync` uploads later)")
         self._link_ways_to_head(config)
-        self._check_inference_mode(config)
+        if self.subcommand in ("fit", None):  # every subcommand has test_after_fit; only fit uses it
+            self._check_inference_mode(config)
+        self._check_checkpoint_options(config)
+
+    def _check_checkpoint_options(self, config: Any) -> None:
+        """Refuse `checkpoint.*` options that `trainer.enable_checkpointing=false` would ignore."""
+        if _get(config, "trainer.enable_checkpointing") is not False:
+            return
+        defaults = self._parser(self.subcommand).get_defaults().get("checkpoint")
+        given = {key: value for key, value in config["checkpoint"].items() if value != defaults.get(key)}
+        if given:
+            options = ", ".join(f"checkpoint.{key}={value}" for key, value in given.items())
+            raise ValueError(
+                f"trainer.enable_checkpointing=false writes no checkpoint, so the checkpoint options "
+                f"{options} would be ignored: remove them, or --trainer.enable_checkpointing=false"
+            )
 
     @staticmethod
     def _check_inference_mode(config: Any) -> None:
@@ -210,7 +306,13 @@ class LightningMetaCLI(LightningCLI):
             )
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        # LightningCLI.instantiate_trainer, but without the `checkpoint` callback when checkpointing
+        # is off: Lightning refuses a ModelCheckpoint with enable_checkpointing=False.
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        trainer = self._instantiate_trainer(config, callbacks)
         # Atomic checkpoint writes, unless the user chose a CheckpointIO of their own.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -222,13 +324,15 @@ class LightningMetaCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def run_cli(args: list[str] | None = None, run: bool = True) -> LightningMetaCLI:
+def run_cli(args: list[str] | None = None, run: bool = True, report_errors: bool = False) -> LightningMetaCLI:
     """Parse `args` like the `lightning-meta` command, build everything, and run the subcommand.
 
     Args:
         args: command-line arguments (default: the process's own, `sys.argv[1:]`).
         run: run the subcommand; False only parses and instantiates (no subcommand then), to
             build a configured model, DataModule and Trainer from code or tests.
+        report_errors: print the project's error messages as the command does and exit with
+            status 2 (see `LightningMetaCLI`); False raises them.
     """
     # Lightning 2.6's CLI calls jsonargparse APIs deprecated in 4.49: noise for our users.
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
@@ -242,9 +346,10 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> LightningMetaCLI
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
+        report_errors=report_errors,
     )
 
 
 def main() -> None:
     """Entry point of `lightning-meta` and `python -m lightning_meta`."""
-    run_cli()
+    run_cli(report_errors=True)

@@ -1,9 +1,16 @@
 """Every row of the README's "When something is wrong" table: the bad input gives an error that
 names the bad value and says how to fix it. Rows whose test lives elsewhere (real files, data
-downloads) name that test here, so the table has one place to be checked against."""
+downloads) name that test here, so the table has one place to be checked against. The last
+section runs each row through the real command, as a user sees it: the usage line and one
+`error:` line, exit status 2, no traceback."""
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,10 +20,12 @@ import torch
 
 from lightning_meta.algorithms import MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Reptile
 from lightning_meta.callbacks import NonFinite, TaskBatching
-from lightning_meta.cli import run_cli, unknown_option_hint
+from lightning_meta.cli import run_cli, unknown_option_hint, user_error_message
 from lightning_meta.data import OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data import omniglot as om
 from lightning_meta.models import MLP, Conv4
 from tests.helpers import SyntheticClassesDataModule
+from tests.test_omniglot import _load, _members, _write_zip
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["fit", "--config", str(REPO / "configs" / "sinusoid" / "maml.yaml"), "--trainer.logger=false"]
@@ -161,3 +170,236 @@ def test_more_processes_than_fixed_evaluation_tasks_names_the_count_and_the_fix(
 def test_a_bad_nonfinite_action_lists_the_choices():
     with pytest.raises(ValueError, match=r"action='ignore' is not one of \('raise', 'skip'\)"):
         NonFinite("ignore")
+
+
+# ------------------------------------------------------------------------ through the real command
+
+SINUSOID = REPO / "configs" / "sinusoid" / "maml.yaml"
+OMNIGLOT = REPO / "configs" / "omniglot_5w1s" / "protonet.yaml"
+CLASSES_YAML = """\
+model:
+  class_path: lightning_meta.algorithms.ProtoNet
+  init_args:
+    backbone: {class_path: lightning_meta.models.Conv4, init_args: {hidden_channels: 4}}
+data: {class_path: tests.helpers.SyntheticClassesDataModule}
+trainer: {enable_progress_bar: false}
+"""
+VMAP_BATCHNORM_YAML = """\
+model:
+  class_path: lightning_meta.algorithms.MAML
+  init_args:
+    inner_lr: 0.4
+    backbone: {class_path: lightning_meta.models.Conv4, init_args: {hidden_channels: 4, norm: batch}}
+data: {class_path: tests.helpers.SyntheticClassesDataModule}
+trainer:
+  callbacks: [{class_path: lightning_meta.callbacks.TaskBatching, init_args: {mode: vmap}}]
+"""
+# The command with downloads pointed at a port nothing listens on (as test_no_network.py does).
+CLOSED_PORT_MAIN = """\
+import os
+from lightning_meta.data import omniglot as om
+base = "http://127.0.0.1:" + os.environ["CLOSED_PORT"]
+om.ZIP_RESOURCES = {part: (f"{base}/{part}.zip", "0" * 32) for part in om.PARTS}
+om.SPLIT_URL = base + "/splits/{name}.txt"
+from lightning_meta.cli import main
+main()
+"""
+# The command with the check of Omniglot's 1623 characters off, so that a small fake copy reaches
+# the decoding of its PNGs.
+SMALL_OMNIGLOT_MAIN = """\
+from lightning_meta.data import omniglot as om
+om._check_counts = lambda *args: None
+from lightning_meta.cli import main
+main()
+"""
+# The command with a genuine bug inside lightning-meta: a function that is no longer callable.
+BUGGY_MAIN = """\
+import lightning_meta.data.datamodule as datamodule
+datamodule.check_positive = None
+from lightning_meta.cli import main
+main()
+"""
+
+
+def command(
+    tmp_path: Path,
+    config: Path,
+    *args: str,
+    subcommand: str = "fit",
+    main: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """`python -m lightning_meta <subcommand> --config config *args` in `tmp_path`, or the same
+    arguments to the script `main`; without a logger, and 3 steps unless `args` say otherwise (a
+    check that does not fire must not train for the config's hours)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "PL_", "LIGHTNING_META_TRACEBACK"))}
+    clean = {k: v for k, v in clean.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")}
+    clean.update(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    clean.update(WANDB_MODE="disabled", **(env or {}))
+    program = [sys.executable, "-c", main] if main else [sys.executable, "-m", "lightning_meta"]
+    return subprocess.run(
+        [*program, subcommand, "--config", str(config), "--trainer.logger=false", "--trainer.max_steps=3", *args],
+        cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def command_error(result: subprocess.CompletedProcess) -> str:
+    """The message of the one `error:` line the command ended with, after checking that it exited
+    with status 2, printed the usage line before it, and no traceback or jsonargparse dump."""
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "Namespace(" not in out and "Union subtypes" not in out, out[-3000:]
+    usage, error = result.stderr.rstrip("\n").splitlines()[-2:]
+    assert re.fullmatch(r"usage: \S+ (fit|validate) \[--help\] \[--config CONFIG\] \.\.\.", usage), out[-3000:]
+    assert error.startswith("error: "), result.stderr[-3000:]
+    return error.removeprefix("error: ")
+
+
+def _closed_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def _setup_row(row: str, tmp_path: Path) -> tuple[Path, list[str], str | None]:
+    """The config, arguments and script (None: `python -m lightning_meta`) of a README row."""
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(CLASSES_YAML)
+    data = [f"--data.root={tmp_path / 'data'}", f"--data.cache_dir={tmp_path / 'cache'}"]
+    if row == "corrupt zip":
+        (tmp_path / "data" / "omniglot").mkdir(parents=True)
+        for part in om.PARTS:
+            (tmp_path / "data" / "omniglot" / f"{part}.zip").write_bytes(b"not a zip" * 50)
+    if row == "corrupt png":
+        for part in om.PARTS:
+            members = _members(part)
+            if part == "images_background":
+                members["images_background/Beta/character02/0002_02.png"] = b"\x89PNG garbage"
+            _write_zip(tmp_path / "data" / "omniglot" / f"{part}.zip", members)
+    if row == "vmap with BatchNorm":
+        (tmp_path / "vmap.yaml").write_text(VMAP_BATCHNORM_YAML)
+    return {
+        "the issue's example": (SINUSOID, ["--data.shots", "-1"], None),
+        "more ways than classes": (classes, ["--data.ways=20", "--data.num_classes=12"], None),
+        "shots + queries": (classes, ["--data.shots=5", "--data.query_shots=4"], None),
+        "missing dataset": (OMNIGLOT, data, None),
+        "download without a network": (OMNIGLOT, [*data, "--data.download=true"], CLOSED_PORT_MAIN),
+        "corrupt zip": (OMNIGLOT, data, None),
+        "corrupt png": (OMNIGLOT, data, SMALL_OMNIGLOT_MAIN),
+        "inner lr": (SINUSOID, ["--model.init_args.inner_lr=0"], None),
+        "inner steps": (SINUSOID, ["--model.init_args.inner_steps=0"], None),
+        "outer lr": (SINUSOID, ["--model.init_args.optimizer.init_args.lr=0", "--trainer.max_steps=2"], None),
+        "task count": (SINUSOID, ["--data.tasks_per_batch=0"], None),
+        "max_steps": (SINUSOID, ["--trainer.max_steps=-5"], None),
+        "vmap with BatchNorm": (tmp_path / "vmap.yaml", [], None),
+        "inference mode": (SINUSOID, ["--trainer.inference_mode=true"], None),  # `validate`
+        "inference mode and test_after_fit": (SINUSOID, ["--trainer.inference_mode=true"], None),
+        "more processes than tasks": (
+            SINUSOID,
+            ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--data.val_tasks=1"],
+            None,
+        ),
+        "non-finite meta-loss": (SINUSOID, ["--model.init_args.inner_lr=1e6", "--trainer.max_steps=3"], None),
+        "checkpoint options without checkpointing": (
+            SINUSOID, ["--trainer.enable_checkpointing=false", "--checkpoint.every_n_train_steps=100"], None,
+        ),
+    }[row]  # fmt: skip
+
+
+ROW_MESSAGES = {
+    "the issue's example": r"data\.shots=-1 must be a positive integer",
+    "more ways than classes": r"ways=20 is larger than the 12 classes.*lower `data\.ways` to at most 12",
+    "shots + queries": r"shots \+ query_shots = 5 \+ 4 = 9 is more than the 8 examples.*"
+    r"`data\.shots` or `data\.query_shots`",
+    "missing dataset": r"Omniglot not found under the data root \S+/data, taken from the `root` argument.*"
+    r"images_background\.zip.*To fix: pass `--data\.root .*`--data\.download true`.*",
+    "download without a network": r"could not download Omniglot's images_background from http://127\.0\.0\.1:\d+/"
+    r"images_background\.zip.*copy images_background\.zip.*--data\.root.*",
+    "corrupt zip": r"\S+/data/omniglot/images_background\.zip is not a readable zip archive.*--data\.download true.*",
+    "corrupt png": r"could not decode member 'images_background/Beta/character02/0002_02\.png' of "
+    r"\S+/images_background\.zip as a PNG.*",
+    "inner lr": r"model\.init_args\.inner_lr=0\.0 must be > 0 \(MAML uses 0\.01-0\.4\)",
+    "inner steps": r"model\.init_args\.inner_steps=0 must be at least 1",
+    "outer lr": r"model\.init_args\.optimizer\.init_args\.lr=0\.0: the outer learning rate must be > 0.*",
+    "task count": r"data\.tasks_per_batch=0 must be a positive integer",
+    "max_steps": r"`max_steps` must be a non-negative integer or -1 \(infinite steps\)\. You passed in -5\.",
+    "vmap with BatchNorm": r"TaskBatching mode='vmap' cannot be used: backbone\.\S+ is BatchNorm2d.*"
+    r"norm='plain_batch'.*",
+    "inference mode": r"MAML adapts with gradients during validation, which inference mode forbids: .*"
+    r"`--trainer\.inference_mode=false`.*",
+    "inference mode and test_after_fit": r"trainer\.inference_mode=true with --test_after_fit: .*"
+    r"--trainer\.inference_mode=false \(the default\)",
+    "more processes than tasks": r"data\.val_tasks=1 fixed tasks cannot be dealt to 2 processes.*at least 2.*",
+    "non-finite meta-loss": r"MAML: meta-loss is (nan|inf) at global step 0; the usual cause is an inner or outer "
+    r"learning rate too high: lower model\.init_args\.inner_lr or .*--ckpt_path.*action: skip",
+    "checkpoint options without checkpointing": r"trainer\.enable_checkpointing=false writes no checkpoint, so the "
+    r"checkpoint options checkpoint\.every_n_train_steps=100 would be ignored: remove them, or "
+    r"--trainer\.enable_checkpointing=false",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "row",
+    [
+        pytest.param(row, marks=pytest.mark.distributed) if row == "more processes than tasks" else row
+        for row in ROW_MESSAGES
+    ],
+)
+def test_the_command_prints_the_projects_message_as_one_error_line(tmp_path, row):
+    config, args, main = _setup_row(row, tmp_path)
+    subcommand = "validate" if row == "inference mode" else "fit"  # fit validates without inference mode
+    result = command(tmp_path, config, *args, subcommand=subcommand, main=main, env={"CLOSED_PORT": _closed_port()})
+    assert re.fullmatch(ROW_MESSAGES[row], command_error(result)), result.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_a_mistyped_option_or_a_wrong_type_from_the_command_exit_2_without_a_traceback(tmp_path):
+    for arg, hint in [
+        ("--model.init_args.inner_lrr=0.1", "did you mean 'inner_lr'"),
+        ("--model.init_args.inner_lr=fast", "Expected a <class 'float'>. Got value: fast"),
+    ]:
+        result = command(tmp_path, SINUSOID, arg)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert hint in result.stderr and result.stderr.startswith("usage: ")
+
+
+@pytest.mark.slow
+def test_a_bug_still_shows_its_traceback(tmp_path):
+    result = command(tmp_path, SINUSOID, main=BUGGY_MAIN)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "TypeError: 'NoneType' object is not callable" in result.stderr
+    assert "error: " not in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_lightning_meta_traceback_shows_the_traceback_of_a_bad_value(tmp_path):
+    result = command(tmp_path, SINUSOID, "--data.shots=-1", env={"LIGHTNING_META_TRACEBACK": "1"})
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ValueError: data.shots=-1 must be a positive integer" in result.stderr
+
+
+def test_the_message_of_an_error_raised_in_a_decoding_worker_is_the_workers(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    members = _members("images_background")
+    members["images_background/Beta/character02/0002_02.png"] = b"\x89PNG garbage"
+    _write_zip(root / "omniglot" / "images_background.zip", members)
+    _write_zip(root / "omniglot" / "images_evaluation.zip", _members("images_evaluation"))
+    monkeypatch.setattr(om, "_MIN_IMAGES_FOR_POOL", 0)
+    with pytest.raises(ValueError) as err:
+        _load(root, tmp_path / "cache", num_workers=2)
+    assert err.value.__cause__ is not None  # re-raised by multiprocessing, with the worker's traceback
+    assert user_error_message(err.value) == str(err.value)
+    assert "could not decode member 'images_background/Beta/character02/0002_02.png'" in str(err.value)
+
+
+def test_errors_that_are_not_a_raise_of_lightning_meta_have_no_short_message():
+    with pytest.raises(TypeError) as bug:
+        SinusoidDataModule(tasks_per_batch="many")  # a comparison that fails inside lightning-meta
+    assert user_error_message(bug.value) is None
+    with pytest.raises(ValueError) as foreign:
+        int("x")
+    assert user_error_message(foreign.value) is None

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_meta.cli import run_cli
 
@@ -48,6 +49,30 @@ def test_default_logging_is_wandb_offline_plus_csv_when_not_logged_in(tmp_path):
     assert {"train/loss", "val/loss", "test/loss", "test/loss_before", "test/loss_ci95"} <= columns
     test_rows = [r for r in rows if r["test/loss"]]
     assert len(test_rows) == 1 and float(test_rows[0]["test/tasks"]) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [None, "true", "false"])
+def test_enable_checkpointing_false_trains_without_writing_a_checkpoint(tmp_path, checkpointing):
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_META_TRACEBACK"}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    args = ["fit", "--config", str(REPO / "configs/sinusoid/maml.yaml"), "--trainer.logger=false"]
+    args += ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.val_tasks=4", "--data.test_tasks=4"]
+    if checkpointing:
+        args.append(f"--trainer.enable_checkpointing={checkpointing}")
+    result = run([sys.executable, "-m", "lightning_meta", *args], tmp_path, env)
+    assert "test/loss" in result.stdout  # trained, validated and tested (the config's test_after_fit)
+    written = sorted(p.name for p in tmp_path.rglob("*.ckpt"))
+    assert written == ([] if checkpointing == "false" else ["epoch=0-step=2.ckpt", "last.ckpt"])
+
+
+def test_without_checkpointing_the_trainer_has_no_checkpoint_callback():
+    config = str(REPO / "configs/sinusoid/maml.yaml")
+    for flag, expected in [("true", True), ("false", False)]:
+        args = ["--config", config, "--trainer.logger=false", f"--trainer.enable_checkpointing={flag}"]
+        trainer = run_cli(args, run=False).trainer
+        assert (trainer.checkpoint_callback is not None) is expected
+        assert any(isinstance(c, ModelCheckpoint) for c in trainer.callbacks) is expected
 
 
 def readme_commands() -> list[list[str]]:
