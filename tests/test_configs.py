@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from lightning_meta.algorithms import MetaSGD, ProtoNet
+from lightning_meta.algorithms.base import supervised_loss
 from lightning_meta.cli import run_cli
 from lightning_meta.data import LakeOneShotDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.inner_loop import forward
 from lightning_meta.models import Conv4
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,3 +102,41 @@ def test_unknown_config_key_is_rejected_naming_the_key(capsys):
     with pytest.raises(SystemExit):
         build("--config", str(REPO / "configs/sinusoid/maml.yaml"), "--model.init_args.inner_lrr=0.1")
     assert "inner_lrr" in capsys.readouterr().err
+
+
+# Configs of gradient-based learners with a fixed inner learning rate on Omniglot-like data.
+FIXED_RATE_CONFIGS = [
+    p
+    for p in CONFIGS
+    if p.parent.name.startswith(("omniglot", "lake"))
+    and any(f"class_path: lightning_meta.algorithms.{name}\n" in p.read_text() for name in ("MAML", "ANIL"))
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", FIXED_RATE_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_the_configs_first_inner_step_lowers_the_support_loss_at_initialisation(config, data_root):
+    """At the config's own initialisation, one inner step at its inner lr lowers the support loss
+    of real Omniglot tasks by at least 5% on average. At the papers' 0.4 on this Conv4 with mean
+    cross-entropy it raised it (1.70 -> 2.79 at 5-way 1-shot): the step overshot, and validation
+    accuracy stayed near 55% for hundreds of meta-steps (README, "MAML's inner learning rate")."""
+    cli = build("--config", str(config), "--data.root", str(data_root), "--data.tasks_per_batch", "16")
+    model, data = cli.model, cli.datamodule
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    model.train()
+    before, after = [], []
+    for task in batch:
+        theta0, theta1 = model.adapt(task, 1)[:2]
+        with torch.no_grad():
+            before.append(supervised_loss(forward(model.backbone, theta0, task.support_x), task.support_y))
+            after.append(supervised_loss(forward(model.backbone, theta1, task.support_x), task.support_y))
+    before, after = torch.stack(before).mean(), torch.stack(after).mean()
+    assert after < 0.95 * before, f"support loss {before:.3f} -> {after:.3f} after one inner step"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_conv4_config_says_which_variant_it_uses(config):
+    text = config.read_text()
+    if "class_path: lightning_meta.models.Conv4" in text:
+        assert "downsample: max_pool" in text or "downsample: stride" in text, f"{config}: state Conv4's downsample"
