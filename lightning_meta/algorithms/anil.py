@@ -36,7 +36,8 @@ class ANIL(MetaLearner):
         head: name of the backbone's submodule adapted in the inner loop; its output must be
             the backbone's output. Default: the last `nn.Linear` (`head` for Conv4, `net.4`
             for a two-hidden-layer MLP).
-        inner_lr: α, the head's inner SGD step size (the paper keeps MAML's values).
+        inner_lr: α, the head's inner SGD step size on the mean support loss (the paper keeps
+            MAML's values; 0.1 here, as for `MAML`).
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at validation and test (default: `inner_steps`).
         first_order: treat the head's inner gradients as constants.
@@ -51,7 +52,7 @@ class ANIL(MetaLearner):
         self,
         backbone: nn.Module,
         head: str | None = None,
-        inner_lr: float = 0.4,
+        inner_lr: float = 0.1,
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,

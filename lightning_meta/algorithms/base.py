@@ -69,7 +69,7 @@ def check_inner_loop_args(inner_lr: float | None, inner_steps: int, eval_inner_s
     `eval_inner_steps` with its default (= `inner_steps`) filled in. `inner_lr=None` skips the
     rate check for algorithms whose rates are learned."""
     if inner_lr is not None and not inner_lr > 0:
-        raise ValueError(f"model.init_args.inner_lr={inner_lr} must be > 0 (MAML uses 0.01-0.4)")
+        raise ValueError(f"model.init_args.inner_lr={inner_lr} must be > 0 (MAML uses 0.01-0.1 here)")
     eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
     for key, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
         if value < 1:
