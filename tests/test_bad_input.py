@@ -318,7 +318,7 @@ ROW_MESSAGES = {
     "corrupt zip": r"\S+/data/omniglot/images_background\.zip is not a readable zip archive.*--data\.download true.*",
     "corrupt png": r"could not decode member 'images_background/Beta/character02/0002_02\.png' of "
     r"\S+/images_background\.zip as a PNG.*",
-    "inner lr": r"model\.init_args\.inner_lr=0\.0 must be > 0 \(MAML uses 0\.01-0\.4\)",
+    "inner lr": r"model\.init_args\.inner_lr=0\.0 must be > 0 \(MAML uses 0\.01-0\.1 here\)",
     "inner steps": r"model\.init_args\.inner_steps=0 must be at least 1",
     "outer lr": r"model\.init_args\.optimizer\.init_args\.lr=0\.0: the outer learning rate must be > 0.*",
     "task count": r"data\.tasks_per_batch=0 must be a positive integer",
