@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +59,14 @@ class SyntheticClassesDataModule(EpisodicDataModule):
             name: FewShotTasks(split, self.ways, self.shots, self.query_shots)
             for name, split in zip(("train", "val", "test"), self.splits, strict=True)
         }
+
+
+def quiet_trainer(**overrides) -> pl.Trainer:
+    """A `pl.Trainer` with no logger, checkpoints, progress bar or model summary; `overrides` pass through."""
+    quiet = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**quiet, **overrides})

@@ -19,6 +19,7 @@ from lightning_meta.data import LakeOneShotDataModule, load_lake_runs
 from lightning_meta.data.omniglot import decode_png
 from lightning_meta.models import Conv4
 from lightning_meta.task import Task
+from tests.helpers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,14 +127,7 @@ def test_a_model_with_a_5_way_head_is_refused_at_fit_start_before_any_validation
     # not at the first validation (where a 5-way head met a target out of bounds).
     model = MAML(Conv4(hidden_channels=8, out_features=5), inner_steps=1)
     data = LakeOneShotDataModule(root=str(data_root), ways=5, val_tasks=2)
-    trainer = pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        max_steps=1,
-    )
+    trainer = quiet_trainer(inference_mode=False, max_steps=1)
     with pytest.raises(ValueError, match=r"5-way output head.*must be trained 20-way.*--data.ways 20"):
         trainer.fit(model, datamodule=data)
     assert trainer.global_step == 0 and data.sources == {}

@@ -25,6 +25,7 @@ from lightning_meta.algorithms.base import MetaLearner, TaskOutput
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.models import MLP
 from lightning_meta.task import Task
+from tests.helpers import quiet_trainer
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -77,15 +78,11 @@ def fit_fp16(
     model.task_batching, model.task_chunk_size = "loop", chunk
     scaler = torch.amp.GradScaler(device, init_scale=init_scale)
     grads = Gradients()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         plugins=[MixedPrecision("16-mixed", device, scaler)],
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[grads],
     )
