@@ -51,6 +51,12 @@ class MAML(MetaLearner):
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.first_order = first_order
 
+    @property
+    def compile_by_default(self) -> bool:
+        """First order only: measured faster compiled, with float64 parity (README "Speed",
+        `tests/test_compile.py`). Second order runs its support forwards eagerly even when compiled."""
+        return self.first_order
+
     def adapt(self, task: Task, steps: int) -> list[Params]:
         """The inner-loop trajectory θ0..θK on `task`'s support set."""
 

@@ -39,6 +39,7 @@ class ProtoNet(MetaLearner):
     """
 
     adapts_with_gradients = False
+    compile_by_default = True  # measured faster compiled, float64 parity: README "Speed", tests/test_compile.py
 
     def __init__(
         self,
