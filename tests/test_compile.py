@@ -123,6 +123,17 @@ def test_every_algorithm_gives_the_eager_numbers_compiled(name, aot_eager):
     assert compiled.backbone._compiled_call_impl is not None
 
 
+@pytest.mark.filterwarnings("ignore:compiled backbone. second-order")  # ANIL's head adapts second order
+@pytest.mark.parametrize("name", ["MAML-first-order", "ProtoNet", "ANIL"])
+def test_the_per_example_protocol_gives_the_eager_numbers_compiled(name, aot_eager):
+    # Its BatchNorm hooks read context variables, which Dynamo does not trace: graph breaks, same numbers.
+    eager, compiled = twins(lambda: SETUPS[name]()[0])
+    for model in (eager, compiled):
+        model.train_protocol = model.eval_protocol = "per_example"
+    assert_same(step(compiled, True, batch()), step(eager, False, batch()), tol=1e-12)
+    assert counters["graph_break"]
+
+
 @pytest.mark.parametrize("algorithm", ["MAML", "MetaSGD", "MAMLPlusPlus-second-order"])
 def test_second_order_runs_the_support_forward_eagerly_and_says_so(algorithm, aot_eager):
     eager, compiled = twins(lambda: SETUPS[algorithm]()[0])
