@@ -278,6 +278,7 @@ class TaskBatching:
         self.mode = mode
         self.chunk_size = chunk_size
         self.compile = compile
+        self.compiled_here = False  # a backbone the user compiled is left as it is
         self.chosen: str | None = None
         self.times: list[tuple[str, float]] = []
         self.bytes_per_vmapped_task: float | None = None
@@ -306,7 +307,8 @@ class TaskBatching:
         owner: str = "",
     ) -> Iterator[bool]:
         """Run the body of the `with` with `backbone` compiled (the loop path, where `compile_wanted`)
-        or eagerly; yields which.
+        or eagerly (a backbone compiled here runs eagerly through `torch.compiler.set_stance`; one
+        the user compiled is left alone); yields whether it was compiled here and runs so.
 
         Args:
             backbone: the learner's backbone; compiled in place on first use (again after unpickling,
@@ -325,9 +327,10 @@ class TaskBatching:
                     "each input shape take longer"
                 )
                 backbone.compile(**COMPILE_OPTIONS)
+                self.compiled_here = True
             with compiled_backbone():
                 yield True
-        elif is_compiled:
+        elif is_compiled and self.compiled_here:
             with torch.compiler.set_stance("force_eager"):
                 yield False
         else:
