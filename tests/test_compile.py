@@ -163,7 +163,7 @@ def test_vmapped_steps_run_eagerly_after_compiled_loop_steps(aot_eager):
     assert_same(step(compiled, True, batch(), "vmap"), step(eager, False, batch(), "vmap"), tol=1e-12)
 
 
-def test_auto_compiles_measured_algorithms_in_long_cpu_fits_only():
+def test_auto_compiles_measured_algorithms_in_long_cpu_fits_only(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert ProtoNet(Conv4()).compile_by_default
     assert MAML(Conv4(out_features=5), first_order=True).compile_by_default
@@ -176,11 +176,41 @@ def test_auto_compiles_measured_algorithms_in_long_cpu_fits_only():
     assert not batching.compile_wanted(True, no_fit, cpu)  # a step outside Trainer.fit
     assert not batching.compile_wanted(False, long_fit, cpu)
     assert not batching.compile_wanted(True, long_fit, cuda)  # not measured on a GPU
+    monkeypatch.setattr(task_parallel, "cpu_compiler_found", lambda: False)
+    assert not batching.compile_wanted(True, long_fit, cpu)  # inductor would fail without a C++ compiler
     batching.compile = True
     assert batching.compile_wanted(False, no_fit, cuda)
     batching.compile = 1
     with pytest.raises(ValueError, match="compile=1 is not one of 'auto', true, false"):
         batching.compile_wanted(True, long_fit, cpu)
+
+
+@pytest.mark.parametrize("max_steps, compiled", [(20, False), (5000, True)])
+def test_auto_weighs_the_fit_the_trainer_plans(max_steps, compiled, aot_eager, tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    from tests.helpers import SyntheticClassesDataModule
+
+    class StopAfterOneStep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop = True
+
+    monkeypatch.setattr(task_parallel, "cpu_compiler_found", lambda: True)  # aot_eager needs none
+    torch.set_default_dtype(torch.float32)
+    model = ProtoNet(Conv4(hidden_channels=4))
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        callbacks=[StopAfterOneStep()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=SyntheticClassesDataModule())
+    assert model.compile_backbone == "auto" and trainer.global_step == 1
+    assert (model.backbone._compiled_call_impl is not None) is compiled
 
 
 def test_auto_leaves_a_step_outside_a_long_fit_eager():

@@ -35,6 +35,7 @@ keeps float32's range and has no scaler.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,20 @@ COMPILE_AUTO_MIN_STEPS = 1000
 """`compile="auto"` compiles only fits planned for at least this many training steps
 (`Trainer.estimated_stepping_batches`): the first steps pay the compilation (tens of seconds for
 Conv4 on a CPU), which the faster steps must pay back; short runs and tests stay eager."""
+
+
+@functools.cache
+def cpu_compiler_found() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU code with; without one, "auto" stays
+    eager rather than failing at the first compiled step. (A private torch API: if it moves, False.)"""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # no compiler, or the API moved: either way, do not compile by default
+        return False
+    return True
+
 
 VMAP_PROVEN: tuple[type[nn.Module], ...] = (
     nn.Conv2d,
@@ -286,12 +301,13 @@ class TaskBatching:
     def compile_wanted(self, by_default: bool, planned_steps: Callable[[], float | None], device: torch.device) -> bool:
         """Whether the loop path runs the backbone compiled: `compile` if set, else ("auto")
         `by_default` (the algorithm's, see `MetaLearner.compile_by_default`) on a CPU, in a fit of
-        at least `COMPILE_AUTO_MIN_STEPS` `planned_steps()` (None: not in a fit)."""
+        at least `COMPILE_AUTO_MIN_STEPS` `planned_steps()` (None: not in a fit), where inductor
+        finds a C++ compiler."""
         if not (isinstance(self.compile, bool) or self.compile == "auto"):  # 1 and 0 are not choices
             raise ValueError(f"compile={self.compile!r} is not one of 'auto', true, false")
         if self.compile != "auto":
             return self.compile
-        if not by_default or device.type != "cpu":
+        if not by_default or device.type != "cpu" or not cpu_compiler_found():
             return False
         planned = planned_steps()
         return planned is not None and planned >= COMPILE_AUTO_MIN_STEPS
