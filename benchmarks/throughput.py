@@ -6,10 +6,10 @@ Omniglot N-way 1-shot shapes with synthetic images, timed for:
   lightning-meta            the real Trainer step, eager (`task_batching=auto`: the loop with the
                             default nn.BatchNorm2d backbone; `compile_backbone=False`, what a
                             short run or a second-order algorithm gets by default)
-  lightning-meta compiled   the same with `compile_backbone=True`: the default of ProtoNet and
-                            first-order MAML in CPU fits of >= 1000 steps (compile="auto"); second
-                            order runs its support forwards eagerly. Compilation happens in the
-                            warm-up steps, which are not timed
+  lightning-meta compiled   the same with `compile_backbone=True`: the default of first-order
+                            MAML in CPU fits of >= 1000 steps (compile="auto"); second order runs
+                            its support forwards eagerly. Compilation happens in the warm-up
+                            steps, which are not timed
   lightning-meta vmap       the real Trainer step, `task_batching=vmap`, PlainBatchNorm2d backbone
   bare vmap                 a torch.func reference written here (functional_call + grad + vmap
                             over tasks, one backward), PlainBatchNorm2d backbone

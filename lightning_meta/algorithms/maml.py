@@ -53,8 +53,9 @@ class MAML(MetaLearner):
 
     @property
     def compile_by_default(self) -> bool:
-        """First order only: measured faster compiled, with float64 parity (README "Speed",
-        `tests/test_compile.py`). Second order runs its support forwards eagerly even when compiled."""
+        """First order only: measured faster compiled (0.82-0.90× the eager step time on CPU, README
+        "Compiling the backbone"), with float64 parity (`tests/test_compile.py`). Second order runs
+        its support forwards eagerly even when compiled, and that was not measured."""
         return self.first_order
 
     def adapt(self, task: Task, steps: int) -> list[Params]:

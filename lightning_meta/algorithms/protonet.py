@@ -39,7 +39,8 @@ class ProtoNet(MetaLearner):
     """
 
     adapts_with_gradients = False
-    compile_by_default = True  # measured faster compiled, float64 parity: README "Speed", tests/test_compile.py
+    # Not compiled by default: through the Trainer its compiled step was not measured faster than
+    # the eager one on CPU (README "Compiling the backbone"); `compile: true` gives the eager numbers.
 
     def __init__(
         self,
