@@ -3,22 +3,35 @@
 One meta-training step (adapt every task, meta-gradient, outer Adam step) on Conv4-64 at
 Omniglot N-way 1-shot shapes with synthetic images, timed for:
 
-  lightning-meta            the real Trainer step (MAML with `task_batching=auto`: the loop with
-                            the default nn.BatchNorm2d backbone)
+  lightning-meta            the real Trainer step, eager (`task_batching=auto`: the loop with the
+                            default nn.BatchNorm2d backbone; `compile_backbone=False`, what a
+                            short run or a second-order algorithm gets by default)
+  lightning-meta compiled   the same with `compile_backbone=True`: the default of first-order
+                            MAML in CPU fits of >= 1000 steps (compile="auto"); second order runs
+                            its support forwards eagerly. Compilation happens in the warm-up
+                            steps, which are not timed
   lightning-meta vmap       the real Trainer step, `task_batching=vmap`, PlainBatchNorm2d backbone
   bare vmap                 a torch.func reference written here (functional_call + grad + vmap
                             over tasks, one backward), PlainBatchNorm2d backbone
   bare loop                 a per-task functional loop written here (autograd.grad), nn.BatchNorm2d
-  higher / torchopt / l2l   the peers' own MAML idioms, each when importable (else skipped, said)
+  higher / torchopt / l2l   the peers' own MAML idioms, each when importable (else skipped, said;
+                            `pip install -e ".[bench]"` brings higher and torchopt)
 
 Each (setting, implementation) runs in a fresh subprocess, so its peak memory is its own: peak
 RSS on CPU (the high-water mark at the end, warm-up and timed steps included, minus the one
 after set-up, before the first step), peak allocated on CUDA. Repeats are interleaved across
 implementations so machine noise hits all alike; the table gives the median step time,
-tasks/s, the ratio to the bare vmap reference and to the bare loop, and peak memory.
+tasks/s, and the ratios to the bare vmap reference, to the bare loop, and to the fastest of
+the bare loop and the peers (the goal: lightning-meta's default step faster than all of them).
 
-    python benchmarks/throughput.py --threads 1 --tasks 8 --steps 3 --repeats 3
-    python benchmarks/throughput.py --device cuda --tasks 32 --steps 10   # unchanged on a GPU
+The default is a sample of a few minutes: 5-way, first-order MAML and ProtoNet, the eager and
+compiled lightning-meta steps against the bare loop and the peers. `--full` runs the whole grid
+(5- and 20-way, second-order MAML with 1 and 5 steps, the vmap rows); any of --ways, --settings
+and --impls overrides either.
+
+    python benchmarks/throughput.py --threads 1                # the sample
+    python benchmarks/throughput.py --threads 1 --full         # the grid (tens of minutes on a CPU)
+    python benchmarks/throughput.py --device cuda --tasks 32 --steps 10 --full   # unchanged on a GPU
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ SETTINGS = {
 }
 IMPLEMENTATIONS = [
     "lightning-meta",
+    "lightning-meta compiled",
     "lightning-meta vmap",
     "bare vmap",
     "bare loop",
@@ -58,6 +72,15 @@ IMPLEMENTATIONS = [
     "learn2learn",
 ]
 PEER_MODULES = {"higher": "higher", "torchopt": "torchopt", "learn2learn": "learn2learn"}
+REFERENCES = ("bare loop", "higher", "torchopt", "learn2learn")
+"""What lightning-meta's step is compared against in the 'vs fastest' column."""
+SAMPLE = dict(
+    ways=[5],
+    settings=["FOMAML, 1 step", "ProtoNet"],
+    impls=["lightning-meta", "lightning-meta compiled", "bare loop", "higher", "torchopt"],
+)
+"""The default run: the goal's rows, a few minutes on a CPU."""
+FULL = dict(ways=[5, 20], settings=list(SETTINGS), impls=IMPLEMENTATIONS)
 
 
 def synthetic_batch(tasks: int, ways: int, queries: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -198,7 +221,7 @@ def with_learn2learn(cfg: dict, ways: int, data: tuple, device: torch.device):
 
 
 def with_lightning_meta(
-    cfg: dict, ways: int, data: tuple, device: torch.device, vmapped: bool, warmup: int, chunk: int | None = None
+    cfg: dict, ways: int, data: tuple, device: torch.device, vmapped: bool, compiled: bool, chunk: int | None = None
 ):
     import pytorch_lightning as pl
 
@@ -225,6 +248,7 @@ def with_lightning_meta(
     if vmapped:
         model.task_batching = "vmap"
         model.task_chunk_size = chunk
+    model.compile_backbone = compiled
     times: list[float] = []
     baseline: list[int] = []
 
@@ -262,9 +286,12 @@ def worker(args: argparse.Namespace) -> None:
     queries = args.queries
     data = synthetic_batch(args.tasks, args.ways, queries, device)
     if args.impl.startswith("lightning-meta"):
-        warmup = max(1, args.warmup)
+        compiled = "compiled" in args.impl
+        # Compiled: the first step compiles every graph (support and query shapes), the second
+        # is the first one run from compiled code alone; neither is timed.
+        warmup = max(2 if compiled else 1, args.warmup)
         chunk = int(args.impl.split("chunk=")[1]) if "chunk=" in args.impl else None
-        run = with_lightning_meta(cfg, args.ways, data, device, "vmap" in args.impl, warmup, chunk)
+        run = with_lightning_meta(cfg, args.ways, data, device, "vmap" in args.impl, compiled, chunk)
         times, base = run(warmup + args.steps)
         times = times[warmup:]
     else:
@@ -293,7 +320,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def applicable(impl: str, setting: str) -> bool:
     if SETTINGS[setting]["algorithm"] == "protonet":
-        return impl in ("lightning-meta", "bare loop")
+        return impl in ("lightning-meta", "lightning-meta compiled", "bare loop")
     return True
 
 
@@ -310,13 +337,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tasks", type=int, default=8, help="tasks per meta-batch")
-    parser.add_argument("--ways", type=int, nargs="+", default=[5, 20])
+    parser.add_argument("--full", action="store_true", help="the whole grid, not the default sample")
+    parser.add_argument("--ways", type=int, nargs="+", help="default: 5 (--full: 5 20)")
     parser.add_argument("--queries", type=int, default=15, help="query examples per class")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compiled rows: at least 2)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--impls", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="default: FOMAML and ProtoNet")
+    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, help="default: see the module docstring")
     parser.add_argument(
         "--vmap-chunks",
         type=int,
@@ -328,6 +356,10 @@ def main() -> None:
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    grid = FULL if args.full else SAMPLE
+    for key in ("ways", "settings", "impls"):
+        if getattr(args, key) is None:
+            setattr(args, key, grid[key])
     if args.worker:
         args.ways = args.ways[0]
         worker(args)
@@ -336,7 +368,8 @@ def main() -> None:
     impls = []
     for impl in args.impls:
         if impl in PEER_MODULES and not importable(PEER_MODULES[impl]):
-            print(f"skipping {impl}: not importable here")
+            extra = ' (pip install -e ".[bench]")' if impl in ("higher", "torchopt") else ""
+            print(f"skipping {impl}: not importable here{extra}")
         else:
             impls.append(impl)
     impls += [f"lightning-meta vmap chunk={chunk}" for chunk in args.vmap_chunks]
@@ -365,7 +398,7 @@ def main() -> None:
                     entry["times"] += record["times"]
                     entry["peak_mb"].append(record["peak_mb"])
     header = f"{'shape':8s} {'setting':24s} {'implementation':28s} {'ms/step':>9s} {'tasks/s':>8s} "
-    header += f"{'vs bare vmap':>12s} {'vs bare loop':>12s} {'peak MB':>8s}"
+    header += f"{'vs bare vmap':>12s} {'vs bare loop':>12s} {'vs fastest':>10s} {'peak MB':>8s}"
     print(header)
     for ways in args.ways:
         for setting in args.settings:
@@ -374,6 +407,7 @@ def main() -> None:
                 for impl in impls
                 if (ways, setting, impl) in results and results[(ways, setting, impl)]["times"]
             }
+            fastest = min((medians[ref] for ref in REFERENCES if ref in medians), default=None)
             for impl in impls:
                 entry = results.get((ways, setting, impl))
                 if entry is None:
@@ -387,11 +421,17 @@ def main() -> None:
                     ref: (f"{median / medians[ref]:.2f}x" if ref in medians else "-")
                     for ref in ("bare vmap", "bare loop")
                 }
+                vs_fastest = f"{median / fastest:.2f}x" if fastest is not None else "-"
                 print(
                     f"{shape:8s} {setting:24s} {impl:28s} {1000 * median:9.0f} {args.tasks / median:8.1f} "
-                    f"{ratio['bare vmap']:>12s} {ratio['bare loop']:>12s} {statistics.median(entry['peak_mb']):8.0f}"
+                    f"{ratio['bare vmap']:>12s} {ratio['bare loop']:>12s} {vs_fastest:>10s} "
+                    f"{statistics.median(entry['peak_mb']):8.0f}"
                 )
-    print("ratios are step-time ratios (lower is faster); 'bare vmap' uses PlainBatchNorm2d, the loops nn.BatchNorm2d")
+    print(
+        "ratios are step-time ratios (lower is faster); 'vs fastest': against the fastest of "
+        f"{', '.join(r for r in REFERENCES if r in impls)} in this run; "
+        "'bare vmap' uses PlainBatchNorm2d, the loops nn.BatchNorm2d"
+    )
 
 
 if __name__ == "__main__":

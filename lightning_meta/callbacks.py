@@ -1,12 +1,14 @@
 """Callbacks that carry performance settings from the trainer config to the algorithm.
 
-How tasks are batched is a performance choice with no effect on results (like precision or
-strategy), so it is set with the trainer, not in the algorithm's hyperparameters:
+How tasks are batched, and whether the backbone is compiled, are performance choices with no
+effect on results (like precision or strategy), so they are set with the trainer, not in the
+algorithm's hyperparameters:
 
     trainer:
       callbacks:
         - class_path: lightning_meta.callbacks.TaskBatching
           init_args: {mode: vmap, chunk_size: 8}
+        # or: init_args: {compile: true}
 """
 
 from __future__ import annotations
@@ -20,25 +22,34 @@ from lightning_meta.algorithms.task_parallel import MODES
 
 
 class TaskBatching(pl.Callback):
-    """Run the tasks of each meta-batch in a loop, under vmap, or let the learner choose.
+    """Run the tasks of each meta-batch in a loop, under vmap, or let the learner choose; and
+    run the backbone compiled or eagerly.
 
     Args:
         mode: "auto" (vmap where proven equal to the loop and timed faster), "loop" or "vmap".
         chunk_size: tasks whose graphs are alive at once while the meta-gradient accumulates
             (None: the learner's default, see `MetaLearner.task_chunk_size`).
+        compile: run the backbone through `torch.compile` on the loop path: true, false, or
+            "auto" (where the algorithm was measured faster compiled and proven equal, on a CPU,
+            in fits of at least 1000 steps: `MetaLearner.compile_backbone`).
     """
 
-    def __init__(self, mode: str = "auto", chunk_size: int | None = None) -> None:
+    def __init__(
+        self, mode: str = "auto", chunk_size: int | None = None, compile: bool | Literal["auto"] = "auto"
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"TaskBatching mode={mode!r} is not one of {MODES}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"TaskBatching chunk_size={chunk_size} must be >= 1")
-        self.mode, self.chunk_size = mode, chunk_size
+        if not (isinstance(compile, bool) or compile == "auto"):
+            raise ValueError(f"TaskBatching compile={compile!r} is not one of true, false, 'auto'")
+        self.mode, self.chunk_size, self.compile = mode, chunk_size, compile
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, MetaLearner):
             raise TypeError(f"TaskBatching works with MetaLearner modules, not {type(pl_module).__name__}")
         pl_module.task_batching, pl_module.task_chunk_size = self.mode, self.chunk_size
+        pl_module.compile_backbone = self.compile
         # Refuse now, not at the first training step after a sanity check.
         if self.mode == "vmap" and (reason := pl_module._check_vmap()):
             raise ValueError(f"TaskBatching mode='vmap' cannot be used: {reason}; use mode 'loop' or 'auto'")

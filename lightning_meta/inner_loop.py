@@ -11,6 +11,11 @@ code path. Nothing here calls `.backward()` or mutates a module, so a per-task c
 (which the task-parallel path of `MetaLearner` enters around `torch.func.vmap`) the inner
 gradients come from `torch.func.grad`, which vmap can batch, instead of `torch.autograd.grad`,
 which it cannot. Both give the same values (tested in float64).
+
+A backbone may run compiled (`torch.compile`, `MetaLearner.compile_backbone`): inside
+`compiled_backbone()` a second-order inner gradient runs its support forward eagerly, because
+AOTAutograd's compiled backward cannot itself be differentiated ("does not currently support
+double backward"); every other forward (first-order steps, the query set) stays compiled.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Union
@@ -35,6 +41,7 @@ StepSizes = Union[StepSize, Sequence[StepSize]]
 """One `StepSize` for all steps, or a sequence with one per step."""
 
 _FUNCTIONAL = contextvars.ContextVar("lightning_meta_functional_gradients", default=False)
+_COMPILED = contextvars.ContextVar("lightning_meta_compiled_backbone", default=False)
 
 
 @contextlib.contextmanager
@@ -47,6 +54,28 @@ def functional_gradients() -> Iterator[None]:
         _FUNCTIONAL.reset(token)
 
 
+@contextlib.contextmanager
+def compiled_backbone() -> Iterator[None]:
+    """Within this context the module `loss_fn` runs may be compiled: second-order inner
+    gradients then run `loss_fn` eagerly (see the module docstring)."""
+    token = _COMPILED.set(True)
+    try:
+        yield
+    finally:
+        _COMPILED.reset(token)
+
+
+def _eager_for_double_backward(loss_fn: Callable[[Params], Tensor], inputs: Params) -> Tensor:
+    warnings.warn(
+        "compiled backbone: second-order inner gradients run the support forward eagerly, since "
+        "torch.compile's AOTAutograd cannot differentiate a compiled backward again (double backward); "
+        "the query forwards stay compiled. For a fully compiled step use first_order=True",
+        stacklevel=3,
+    )
+    with torch.compiler.set_stance("force_eager"):
+        return loss_fn(inputs)
+
+
 def inner_gradients(loss_fn: Callable[[Params], Tensor], params: Params, first_order: bool) -> Params:
     """∇ loss_fn(params), differentiable w.r.t. the params' own graph unless `first_order`."""
     if _FUNCTIONAL.get():
@@ -54,8 +83,9 @@ def inner_gradients(loss_fn: Callable[[Params], Tensor], params: Params, first_o
         return {n: g.detach() for n, g in grads.items()} if first_order else grads
     # A θ outside any graph (e.g. detached by the caller) still needs inner gradients.
     inputs = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
+    second_order_compiled = not first_order and _COMPILED.get() and not torch.compiler.is_compiling()
     grads = torch.autograd.grad(
-        loss_fn(inputs),
+        _eager_for_double_backward(loss_fn, inputs) if second_order_compiled else loss_fn(inputs),
         list(inputs.values()),
         create_graph=not first_order,
         allow_unused=True,

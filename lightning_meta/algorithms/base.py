@@ -21,6 +21,7 @@ import math
 import random
 from abc import abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import numpy as np
@@ -226,6 +227,11 @@ class MetaLearner(pl.LightningModule):
     """The same choice for meta-training (`--protocol.training`), to train a model as it will
     be evaluated."""
 
+    compile_by_default: bool = False
+    """Whether `compile_backbone="auto"` compiles this learner's backbone: only where a compiled
+    step was measured faster (`benchmarks/throughput.py`) and proven to give the eager losses and
+    meta-gradients (float64, `tests/test_compile.py`)."""
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -296,6 +302,33 @@ class MetaLearner(pl.LightningModule):
     def task_chunk_size(self, size: int | None) -> None:
         self.task_batcher.chunk_size = size
 
+    @property
+    def compile_backbone(self) -> str | bool:
+        """Whether the loop path runs the backbone through `torch.compile`: True, False, or "auto"
+        (the default): `compile_by_default`, on a CPU, in fits of at least
+        `task_parallel.COMPILE_AUTO_MIN_STEPS` steps. A performance setting (results are the same
+        up to floating-point rounding); second-order inner gradients run their support forward
+        eagerly (`inner_loop.compiled_backbone`). Set it on the instance, or from the CLI with the
+        `lightning_meta.callbacks.TaskBatching` callback (`compile`)."""
+        return self.task_batcher.compile
+
+    @compile_backbone.setter
+    def compile_backbone(self, value: str | bool) -> None:
+        self.task_batcher.compile = value
+
+    def _compiled(self, path: str) -> AbstractContextManager[bool]:
+        """The backbone compiled or eager for a step on `path` (`TaskBatching.compiled`)."""
+        owner = type(self).__name__
+        by_default = self.compile_by_default
+        return self.task_batcher.compiled(self.backbone, path, by_default, self._planned_steps, self.device, owner)
+
+    def _planned_steps(self) -> float | None:
+        """Training steps of the fit in progress, once its training data is loaded (the sanity
+        check runs before); None outside `Trainer.fit`."""
+        if self._trainer is None or self.trainer.state.fn != "fit" or self.trainer.train_dataloader is None:
+            return None
+        return self.trainer.estimated_stepping_batches
+
     def _broadcast(self, value: str) -> str:
         """Rank 0's `value` on every rank (itself outside DDP)."""
         if self._trainer is not None and self.trainer.world_size > 1:
@@ -313,7 +346,10 @@ class MetaLearner(pl.LightningModule):
         loss_scale = scaler.scale(torch.ones((), device=self.device)) if scaler is not None else None
         params = [p for p in self.parameters() if p.requires_grad]
         owner = type(self).__name__
-        with self.task_batcher.step(len(batch), self.device, self._check_vmap, self._broadcast, owner) as plan:
+        with (
+            self.task_batcher.step(len(batch), self.device, self._check_vmap, self._broadcast, owner) as plan,
+            self._compiled(plan.path),
+        ):
             loss, stats, objective = task_parallel.meta_objective(self.meta_loss, batch, plan, params, loss_scale)
         if not torch.isfinite(loss):
             # Under DDP the decision must be the same on every rank, so it is taken on the
@@ -394,9 +430,10 @@ class MetaLearner(pl.LightningModule):
                 "lightning-meta CLI sets it by default)"
             )
         plan = self.task_batcher.eval_plan(len(batch))
-        for chunk in task_parallel.split(batch, plan.chunk_size):
-            _, stats = self.meta_loss(chunk, plan.path)
-            self._eval_outputs.append(stats)
+        with self._compiled(plan.path):
+            for chunk in task_parallel.split(batch, plan.chunk_size):
+                _, stats = self.meta_loss(chunk, plan.path)
+                self._eval_outputs.append(stats)
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._eval_step(batch, "validation")

@@ -14,6 +14,16 @@ freed before the next, so the loop holds one task's graph at a time and vmap one
 `TaskBatching` holds this strategy for one learner (mode, auto-timing, chunk sizing, and the
 state an exactly resumed run needs), so `MetaLearner` only asks it for a `Plan` per step.
 
+Compilation: on the loop path the backbone may run through `torch.compile` (`nn.Module.compile`,
+in place, so parameter names, checkpoints and optimizers are unchanged). Only the backbone's
+forward is compiled, not the per-task function: that one calls `torch.autograd.grad`, where
+Dynamo breaks the graph anyway, and the key check of `inner_loop.forward` stays outside the
+compiled region. A second-order inner gradient runs its support forward eagerly
+(`inner_loop.compiled_backbone`); vmapped steps run eagerly (`torch.func` transforms around a
+compiled module are not what the parity tests cover). `compile="auto"` compiles where the
+algorithm says it was measured faster and proven equal (`MetaLearner.compile_by_default`), on a
+CPU, in fits long enough to pay the compilation back (`COMPILE_AUTO_MIN_STEPS`).
+
 Mixed precision: under `precision="16-mixed"` Lightning's `GradScaler` multiplies the loss a
 training step returns before its backward, so that small gradients do not underflow in float16.
 The chunks' own backwards (`torch.autograd.grad`) happen before that, so each chunk's loss is
@@ -25,23 +35,48 @@ keeps float32's range and has no scaler.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_meta.inner_loop import functional_gradients
+from lightning_meta.inner_loop import compiled_backbone, functional_gradients
 from lightning_meta.models.conv4 import GlobalAvgPool
 from lightning_meta.models.norm import PlainBatchNorm2d
 from lightning_meta.task import Task, TaskBatch
 
 MODES = ("auto", "loop", "vmap")
+
+COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
+"""Keyword arguments of `nn.Module.compile` for the backbone. Static shapes: one graph per input
+shape and mode (a task's support and query sets, training and evaluation), as measured."""
+
+COMPILE_AUTO_MIN_STEPS = 1000
+"""`compile="auto"` compiles only fits planned for at least this many training steps
+(`Trainer.estimated_stepping_batches`): the first steps pay the compilation (up to about a minute
+for Conv4 on a CPU with a cold inductor cache), which the faster steps pay back (first-order MAML,
+8 tasks of Omniglot 5-way: about 0.1 s a step, so some 500 steps); short runs and tests stay eager."""
+
+
+@functools.cache
+def cpu_compiler_found() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU code with; without one, "auto" stays
+    eager rather than failing at the first compiled step. (A private torch API: if it moves, False.)"""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # no compiler, or the API moved: either way, do not compile by default
+        return False
+    return True
+
 
 VMAP_PROVEN: tuple[type[nn.Module], ...] = (
     nn.Conv2d,
@@ -244,20 +279,79 @@ class TaskBatching:
     the memory the first vmapped step (run whole) took. `state_dict` holds what an exactly
     resumed run needs (the choice and the timings so far); the memory measure is taken again.
 
+    `compile` says whether the loop path runs the backbone compiled (`compiled`).
+
     Args:
         mode: "auto", "loop" or "vmap" (`MetaLearner.task_batching`).
         chunk_size: tasks per chunk, or None for the default (`MetaLearner.task_chunk_size`).
+        compile: "auto", True or False (`MetaLearner.compile_backbone`).
     """
 
     AUTOTUNE_STEPS = 4
     """Auto mode times loop, vmap, loop, vmap on the first steps and compares the last two."""
 
-    def __init__(self, mode: str = "auto", chunk_size: int | None = None) -> None:
+    def __init__(self, mode: str = "auto", chunk_size: int | None = None, compile: str | bool = "auto") -> None:
         self.mode = mode
         self.chunk_size = chunk_size
+        self.compile = compile
+        self.compiled_here = False  # a backbone the user compiled is left as it is
         self.chosen: str | None = None
         self.times: list[tuple[str, float]] = []
         self.bytes_per_vmapped_task: float | None = None
+
+    def compile_wanted(self, by_default: bool, planned_steps: Callable[[], float | None], device: torch.device) -> bool:
+        """Whether the loop path runs the backbone compiled: `compile` if set, else ("auto")
+        `by_default` (the algorithm's, see `MetaLearner.compile_by_default`) on a CPU, in a fit of
+        at least `COMPILE_AUTO_MIN_STEPS` `planned_steps()` (None: not in a fit), where inductor
+        finds a C++ compiler."""
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):  # 1 and 0 are not choices
+            raise ValueError(f"compile={self.compile!r} is not one of 'auto', true, false")
+        if self.compile != "auto":
+            return self.compile
+        if not by_default or device.type != "cpu" or not cpu_compiler_found():
+            return False
+        planned = planned_steps()
+        return planned is not None and planned >= COMPILE_AUTO_MIN_STEPS
+
+    @contextmanager
+    def compiled(
+        self,
+        backbone: nn.Module,
+        path: str,
+        by_default: bool,
+        planned_steps: Callable[[], float | None],
+        device: torch.device,
+        owner: str = "",
+    ) -> Iterator[bool]:
+        """Run the body of the `with` with `backbone` compiled (the loop path, where `compile_wanted`)
+        or eagerly (a backbone compiled here runs eagerly through `torch.compiler.set_stance`; one
+        the user compiled is left alone); yields whether it was compiled here and runs so.
+
+        Args:
+            backbone: the learner's backbone; compiled in place on first use (again after unpickling,
+                which drops the compiled code).
+            path: this step's path ("loop" or "vmap").
+            by_default: whether the learner compiles under "auto" (`MetaLearner.compile_by_default`).
+            planned_steps: the training steps of the fit in progress, or None (for "auto").
+            device: where the step runs.
+            owner: the learner's name, for the message that announces compilation.
+        """
+        is_compiled = getattr(backbone, "_compiled_call_impl", None) is not None  # set by nn.Module.compile
+        if path == "loop" and self.compile_wanted(by_default, planned_steps, device):
+            if not is_compiled:
+                rank_zero_info(
+                    f"{owner}: compiling {type(backbone).__name__} (torch.compile); the first steps of "
+                    "each input shape take longer"
+                )
+                backbone.compile(**COMPILE_OPTIONS)
+                self.compiled_here = True
+            with compiled_backbone():
+                yield True
+        elif is_compiled and self.compiled_here:
+            with torch.compiler.set_stance("force_eager"):
+                yield False
+        else:
+            yield False
 
     def training_path(self, vmap_blocker: Callable[[], str | None]) -> str:
         """The path for this training step: fixed, chosen, or the next one to time.
