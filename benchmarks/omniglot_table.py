@@ -153,6 +153,7 @@ def build(config: Path, args: argparse.Namespace) -> tuple[MetaLearner, pl.Light
         ],
         run=False,
     )
+    cli.model.compile_backbone = {"true": True, "false": False}.get(args.compile, args.compile)
     return cli.model, cli.datamodule
 
 
@@ -177,6 +178,14 @@ def main() -> None:
     parser.add_argument("--test-episodes", type=int, default=1000)
     parser.add_argument("--val-tasks", type=int, default=100)
     parser.add_argument("--val-points", type=int, default=8, help="validation scores per training run")
+    parser.add_argument(
+        "--compile",
+        choices=["false", "true", "auto"],
+        default="false",
+        help="the backbone through torch.compile (README, 'Compiling the backbone'); false by default: "
+        "a budget of minutes is too short to pay the compilation back, and the fit runs without a "
+        "step limit, which 'auto' would take for a long fit",
+    )
     parser.add_argument("--no-lake", action="store_true", help="skip the Lake benchmark run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -205,6 +214,7 @@ def run_benchmark(benchmark: str, args: argparse.Namespace, lake: bool) -> None:
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "compile": args.compile,
         "protocol": "transductive",  # of `acc` and Lake's `error`; `per_example` holds the other
         "methods": {},
         "lake": None,

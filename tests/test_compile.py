@@ -185,8 +185,17 @@ def test_auto_compiles_measured_algorithms_in_long_cpu_fits_only(monkeypatch):
         batching.compile_wanted(True, long_fit, cpu)
 
 
-@pytest.mark.parametrize("max_steps, compiled", [(20, False), (5000, True)])
-def test_auto_weighs_the_fit_the_trainer_plans(max_steps, compiled, aot_eager, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "max_steps, max_time, compiled",
+    [
+        (20, None, False),
+        (5000, None, True),
+        # A 4-minute fit (the Omniglot table's budget) would spend its time compiling.
+        (5000, "00:00:04:00", False),
+        (5000, "00:01:00:00", True),
+    ],
+)
+def test_auto_weighs_the_fit_the_trainer_plans(max_steps, max_time, compiled, aot_eager, tmp_path, monkeypatch):
     import pytorch_lightning as pl
 
     from tests.helpers import SyntheticClassesDataModule
@@ -200,6 +209,7 @@ def test_auto_weighs_the_fit_the_trainer_plans(max_steps, compiled, aot_eager, t
     model = MAML(Conv4(hidden_channels=4, out_features=3), first_order=True)
     trainer = pl.Trainer(
         max_steps=max_steps,
+        max_time=max_time,
         callbacks=[StopAfterOneStep()],
         logger=False,
         enable_checkpointing=False,
@@ -211,6 +221,23 @@ def test_auto_weighs_the_fit_the_trainer_plans(max_steps, compiled, aot_eager, t
     trainer.fit(model, datamodule=SyntheticClassesDataModule())
     assert model.compile_backbone == "auto" and trainer.global_step == 1
     assert (model.backbone._compiled_call_impl is not None) is compiled
+
+
+def test_auto_compiles_training_steps_and_leaves_evaluation_eager(aot_eager, monkeypatch):
+    # Evaluation's other shapes and grad mode would recompile the backbone for few steps.
+    monkeypatch.setattr(task_parallel, "cpu_compiler_found", lambda: True)
+    model = MAML(Conv4(hidden_channels=4, out_features=4), first_order=True)
+    monkeypatch.setattr(model, "_planned_steps", lambda: 10**6)
+    model.compile_backbone = "auto"
+    model.training_step(batch(ways=4), 0).backward()
+    assert model.backbone._compiled_call_impl is not None
+    compiled_frames = counters["stats"]["unique_graphs"]
+    assert compiled_frames > 0
+    model._eval_step(batch(ways=4, per_class=3), "validation")  # a new shape: compiling it would add graphs
+    assert counters["stats"]["unique_graphs"] == compiled_frames
+    model.compile_backbone = True  # what "auto" leaves eager, true compiles
+    model._eval_step(batch(ways=4, per_class=3), "validation")
+    assert counters["stats"]["unique_graphs"] > compiled_frames
 
 
 def test_auto_leaves_a_step_outside_a_long_fit_eager():

@@ -28,6 +28,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -305,8 +306,10 @@ class MetaLearner(pl.LightningModule):
     @property
     def compile_backbone(self) -> str | bool:
         """Whether the loop path runs the backbone through `torch.compile`: True, False, or "auto"
-        (the default): `compile_by_default`, on a CPU, in fits of at least
-        `task_parallel.COMPILE_AUTO_MIN_STEPS` steps. A performance setting (results are the same
+        (the default): `compile_by_default`, on a CPU, for the training steps of fits of at least
+        `task_parallel.COMPILE_AUTO_MIN_STEPS` steps and, under a `max_time`, at least
+        `task_parallel.COMPILE_AUTO_MIN_SECONDS` (evaluation stays eager: its other shapes and
+        grad mode would recompile the backbone, for few steps). A performance setting (results are the same
         up to floating-point rounding); second-order inner gradients run their support forward
         eagerly (`inner_loop.compiled_backbone`). Set it on the instance, or from the CLI with the
         `lightning_meta.callbacks.TaskBatching` callback (`compile`)."""
@@ -316,17 +319,29 @@ class MetaLearner(pl.LightningModule):
     def compile_backbone(self, value: str | bool) -> None:
         self.task_batcher.compile = value
 
-    def _compiled(self, path: str) -> AbstractContextManager[bool]:
-        """The backbone compiled or eager for a step on `path` (`TaskBatching.compiled`)."""
+    def _compiled(self, path: str, training: bool = True) -> AbstractContextManager[bool]:
+        """The backbone compiled or eager for a step on `path` (`TaskBatching.compiled`); "auto"
+        leaves evaluation steps (`training=False`) eager."""
         owner = type(self).__name__
         by_default = self.compile_by_default
-        return self.task_batcher.compiled(self.backbone, path, by_default, self._planned_steps, self.device, owner)
+        planned = self._planned_steps if training else _no_fit
+        return self.task_batcher.compiled(self.backbone, path, by_default, planned, self.device, owner)
 
     def _planned_steps(self) -> float | None:
         """Training steps of the fit in progress, once its training data is loaded (the sanity
-        check runs before); None outside `Trainer.fit`."""
+        check runs before); None outside `Trainer.fit`; 0 when a `max_time` shorter than
+        `task_parallel.COMPILE_AUTO_MIN_SECONDS` bounds the fit (its steps are not known ahead,
+        and too few to pay a compilation back)."""
         if self._trainer is None or self.trainer.state.fn != "fit" or self.trainer.train_dataloader is None:
             return None
+        # The whole limit (elapsed + remaining), so that the choice does not flip late in a fit.
+        limits = [
+            t.time_elapsed() + remaining
+            for t in self.trainer.callbacks
+            if isinstance(t, Timer) and (remaining := t.time_remaining()) is not None
+        ]
+        if min(limits, default=math.inf) < task_parallel.COMPILE_AUTO_MIN_SECONDS:
+            return 0.0
         return self.trainer.estimated_stepping_batches
 
     def _broadcast(self, value: str) -> str:
@@ -430,7 +445,7 @@ class MetaLearner(pl.LightningModule):
                 "lightning-meta CLI sets it by default)"
             )
         plan = self.task_batcher.eval_plan(len(batch))
-        with self._compiled(plan.path):
+        with self._compiled(plan.path, training=False):
             for chunk in task_parallel.split(batch, plan.chunk_size):
                 _, stats = self.meta_loss(chunk, plan.path)
                 self._eval_outputs.append(stats)
@@ -516,3 +531,8 @@ class MetaLearner(pl.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _no_fit() -> None:
+    """`planned_steps` for steps that "auto" never compiles (evaluation)."""
+    return None
