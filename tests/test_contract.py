@@ -30,7 +30,7 @@ from lightning_meta.algorithms import (
 )
 from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
-from lightning_meta.models import MLP, Conv4
+from lightning_meta.models import MLP, Conv4, ResNet12
 from tests.helpers import SyntheticClassesDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,15 @@ SETUPS = {
     "Reptile-sinusoid": lambda: (
         Reptile(MLP(), inner_lr=0.02, inner_optimizer="sgd"),
         SinusoidDataModule(tasks_per_batch=4),
+    ),
+    # ResNet-12 (narrow) on the 28×28 synthetic images: maps of 1×1 after four pools.
+    "MAML-resnet12": lambda: (
+        MAML(ResNet12(in_channels=1, channels=(4, 6, 8, 8), out_features=3, image_size=28), inner_steps=2),
+        SyntheticClassesDataModule(),
+    ),
+    "ProtoNet-resnet12": lambda: (
+        ProtoNet(ResNet12(in_channels=1, channels=(4, 6, 8, 8), image_size=28)),
+        SyntheticClassesDataModule(),
     ),
 }
 

@@ -189,3 +189,29 @@ def test_vmap_chunks_are_sized_from_measured_memory_and_keep_the_meta_gradient(m
     torch.testing.assert_close(loss, reference_loss, rtol=1e-12, atol=1e-12)
     for name in reference:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_resnet12_vmap_verdicts():
+    from lightning_meta.models import ResNet12
+
+    def resnet_maml(**kwargs) -> MAML:
+        torch.manual_seed(0)
+        backbone = ResNet12(in_channels=1, channels=(2, 3, 4, 4), out_features=3, image_size=16, **kwargs)
+        return MAML(backbone, inner_lr=0.4, inner_steps=2)
+
+    # Proven: plain-op BatchNorm, LeakyReLU and the residual sums, second order, in float64.
+    model, batch = resnet_maml(norm="plain_batch"), conv_batch()
+    assert vmap_blocker(model) is None
+    reference_loss, reference = meta_gradient(model, batch, "loop", chunk=4)
+    for chunk in (4, 3):
+        loss, grads = meta_gradient(model, batch, "vmap", chunk)
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-12, atol=1e-12)
+        for name in reference:
+            torch.testing.assert_close(grads[name], reference[name], rtol=1e-9, atol=1e-11, msg=f"{chunk} {name}")
+    assert any(g.abs().max() > 1e-3 for g in reference.values())
+    # Refused, with the reason: torch's BatchNorm (the upstream bug) and DropBlock's random masks.
+    assert "BatchNorm2d" in vmap_blocker(resnet_maml())
+    assert "DropBlock" in vmap_blocker(resnet_maml(norm="plain_batch", drop_rate=0.1))
+    with pytest.raises(ValueError, match=r"task_batching='vmap' cannot be used: .*DropBlock.*use the loop path"):
+        meta_gradient(resnet_maml(norm="plain_batch", drop_rate=0.1), batch, "vmap", None)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from lightning_meta.inner_loop import compiled_backbone, functional_gradients
 from lightning_meta.models.conv4 import GlobalAvgPool
 from lightning_meta.models.norm import PlainBatchNorm2d
+from lightning_meta.models.resnet12 import DropBlock
 from lightning_meta.task import Task, TaskBatch
 
 MODES = ("auto", "loop", "vmap")
@@ -89,6 +90,7 @@ VMAP_PROVEN: tuple[type[nn.Module], ...] = (
     nn.Conv2d,
     nn.Linear,
     nn.ReLU,
+    nn.LeakyReLU,
     nn.Tanh,
     nn.MaxPool2d,
     nn.Flatten,
@@ -111,6 +113,11 @@ def vmap_blocker(module: nn.Module) -> str | None:
             return (
                 f"{name} is {type(sub).__name__}, whose second-order meta-gradients are wrong under "
                 "vmap (pytorch/functorch#534): use Conv4(norm='plain_batch') or GroupNorm"
+            )
+        if isinstance(sub, DropBlock) and sub.drop_rate > 0:
+            return (
+                f"{name} is DropBlock, whose random masks torch.func.vmap refuses to draw (randomness='error'; "
+                "the loop draws them per task): use the loop path, or drop_rate=0"
             )
         # The algorithm's own containers (its class, ModuleDicts, ParameterDicts of learned rates)
         # compute nothing themselves: the algorithm's task_loss uses their tensors, and that is

@@ -3,5 +3,6 @@
 from lightning_meta.models.conv4 import Conv4
 from lightning_meta.models.mlp import MLP
 from lightning_meta.models.norm import PlainBatchNorm2d
+from lightning_meta.models.resnet12 import DropBlock, ResNet12
 
-__all__ = ["MLP", "Conv4", "PlainBatchNorm2d"]
+__all__ = ["MLP", "Conv4", "DropBlock", "PlainBatchNorm2d", "ResNet12"]

@@ -50,9 +50,13 @@ class Conv4(nn.Module):
         out_features: size of the linear head (the number of ways, for MAML-style classifiers).
             None gives no head: the flattened features are the output (an embedding, for
             metric-based methods such as Prototypical Networks).
-        feature_size: spatial size of the last block's output with `downsample="max_pool"`, so
-            the head knows its input size: 1 for 28×28 inputs (Omniglot), 5 for 84×84
-            (miniImageNet). Ignored with `downsample="stride"`, whose features are averaged.
+        image_size: side of the (square) input images, from which the flattened features'
+            size (the head's input, `embedding_size`) follows with `downsample="max_pool"`:
+            28 (Omniglot) gives 1×1 maps, 84 (miniImageNet) 5×5. Unused with
+            `downsample="stride"`, whose features are averaged. A mismatched input is refused
+            with the value to set.
+        feature_size: the last map's side, set by hand instead of `image_size` (older configs);
+            None (the default) derives it from `image_size`.
         norm: "batch" (`nn.BatchNorm2d` without running statistics, the papers' layer),
             "plain_batch" (the same normalisation in plain ops, `PlainBatchNorm2d`: correct
             under vmap, so tasks can be adapted in parallel), "group" (GroupNorm with 8
@@ -70,7 +74,8 @@ class Conv4(nn.Module):
         in_channels: int = 1,
         hidden_channels: int = 64,
         out_features: int | None = None,
-        feature_size: int = 1,
+        image_size: int = 28,
+        feature_size: int | None = None,
         norm: str = "batch",
         pooled_blocks: int = 4,
         flatten: bool = True,
@@ -112,7 +117,18 @@ class Conv4(nn.Module):
             self.features = nn.Sequential(*blocks, GlobalAvgPool())
         else:
             self.features = nn.Sequential(*blocks, nn.Flatten())
-        size = 1 if downsample == "stride" else feature_size
+        if image_size < 1 or (feature_size is not None and feature_size < 1):
+            raise ValueError(f"Conv4 image_size={image_size} and feature_size={feature_size} must be positive")
+        side = image_size
+        for _ in range(pooled_blocks):
+            side //= 2  # MaxPool2d(2) floors
+        self.image_size, self.flatten = image_size, flatten and downsample == "max_pool"
+        size = 1 if downsample == "stride" else feature_size if feature_size is not None else side
+        if size < 1:
+            raise ValueError(
+                f"Conv4 image_size={image_size} is too small for {pooled_blocks} max-pooled blocks "
+                f"(the maps vanish): use images of at least {2**pooled_blocks} pixels or fewer pooled_blocks"
+            )
         self.embedding_size = hidden_channels * size * size
         self.out_features = out_features
         self.head = nn.Linear(self.embedding_size, out_features) if out_features is not None else None
@@ -123,4 +139,10 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x)
+        if self.flatten and features.shape[-1] != self.embedding_size:
+            raise ValueError(
+                f"Conv4 was built for {self.image_size}×{self.image_size} inputs ({self.embedding_size} "
+                f"features) but got {tuple(x.shape[-2:])} ({features.shape[-1]} features): set the "
+                f"backbone's image_size to {x.shape[-1]} (model.init_args.backbone.init_args.image_size)"
+            )
         return self.head(features) if self.head is not None else features
