@@ -47,6 +47,7 @@ ALGORITHMS = {  # table name: config under configs/sinusoid/
     "MAML++": "mamlpp",
     "Reptile": "reptile",
     "ANIL": "anil",
+    "CAVIA": "cavia",
 }
 PUBLISHED = {  # Meta-SGD paper (Li et al. 2017), Table 1: 5-shot, one inner step
     ("MAML", 5): "1.13 ± 0.18",

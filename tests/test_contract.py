@@ -18,6 +18,7 @@ import torch
 import lightning_meta.algorithms as algorithms
 from lightning_meta.algorithms import (
     ANIL,
+    CAVIA,
     MAML,
     MAMLPlusPlus,
     MatchingNetworks,
@@ -76,6 +77,14 @@ SETUPS = {
         Reptile(MLP(), inner_lr=0.02, inner_optimizer="sgd"),
         SinusoidDataModule(tasks_per_batch=4),
     ),
+    "CAVIA-sinusoid": lambda: (
+        CAVIA(MLP(in_features=6), context_size=5, inner_steps=2),
+        SinusoidDataModule(tasks_per_batch=4),
+    ),
+    "CAVIA": lambda: (  # FiLM after the third block, as CAVIA's image network
+        CAVIA(Conv4(hidden_channels=8, out_features=3), context_size=4, condition="film", inner_steps=2),
+        SyntheticClassesDataModule(),
+    ),
     # ResNet-12 (narrow) on the 28×28 synthetic images: maps of 1×1 after four pools.
     "MAML-resnet12": lambda: (
         MAML(ResNet12(in_channels=1, channels=(4, 6, 8, 8), out_features=3, image_size=28), inner_steps=2),
@@ -121,6 +130,7 @@ CLI_CONFIGS = {
         "--model.init_args.feature_channels=8",
     ],
     "ANIL": ["--config", "configs/sinusoid/anil.yaml", "--data.tasks_per_batch=4"],
+    "CAVIA": ["--config", "configs/sinusoid/cavia.yaml", "--data.tasks_per_batch=4"],
     "Reptile": ["--config", "configs/sinusoid/reptile.yaml", "--data.tasks_per_batch=4"],
     "MAMLPlusPlus": [  # Omniglot: per-step BatchNorm weights and the ways linked to the head
         "--config",

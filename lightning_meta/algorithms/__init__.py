@@ -6,6 +6,7 @@ Usable on their own in any Lightning project whose DataModule yields `TaskBatch`
 
 from lightning_meta.algorithms.anil import ANIL
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, mean_and_ci95, supervised_loss
+from lightning_meta.algorithms.cavia import CAVIA
 from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.mamlpp import MAMLPlusPlus
 from lightning_meta.algorithms.matching import MatchingNetworks
@@ -17,6 +18,7 @@ from lightning_meta.algorithms.siamese import Siamese
 
 __all__ = [
     "ANIL",
+    "CAVIA",
     "MAML",
     "MAMLPlusPlus",
     "MatchingNetworks",

@@ -154,8 +154,12 @@ def support_statistics(model: nn.Module, backbone: nn.Module, support_x: Tensor)
         return output[rows:]
 
     handles = [backbone.register_forward_pre_hook(before), backbone.register_forward_hook(after)]
+    # Prepended: the renormalised output replaces the layer's own, so other forward hooks on the
+    # layer (CAVIA's FiLM) must see it, not the transductive output.
     handles += [
-        m.register_forward_hook(_renormalise) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        m.register_forward_hook(_renormalise, prepend=True)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
     ]
     rule_token, flag_token = _RULE.set(None), _PER_EXAMPLE.set(True)
     try:
