@@ -109,7 +109,7 @@ FIXED_RATE_CONFIGS = [
     p
     for p in CONFIGS
     if p.parent.name.startswith(("omniglot", "lake"))
-    and any(f"class_path: lightning_meta.algorithms.{name}\n" in p.read_text() for name in ("MAML", "ANIL"))
+    and any(f"class_path: lightning_meta.algorithms.{name}\n" in p.read_text() for name in ("MAML", "ANIL", "CAVIA"))
 ]
 
 
