@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_meta.algorithms import (
+    CAVIA,
     MAML,
     MAMLPlusPlus,
     MatchingNetworks,
@@ -48,6 +49,7 @@ ALGORITHMS = {
     "siamese": lambda: Siamese(Conv4(hidden_channels=8), loss="koch"),
     "siamese-contrastive": lambda: Siamese(Conv4(hidden_channels=8), loss="contrastive"),
     "matching": lambda: MatchingNetworks(Conv4(hidden_channels=8), fce=True, fce_steps=2),
+    "cavia": lambda: CAVIA(Conv4(hidden_channels=8, out_features=3), context_size=4, condition="film", inner_steps=2),
     "relation": lambda: RelationNetworks(
         Conv4(hidden_channels=8, pooled_blocks=2, flatten=False), feature_channels=8, feature_size=7
     ),

@@ -67,10 +67,10 @@ for Conv4 on a CPU with a cold inductor cache), which the faster steps pay back 
 
 COMPILE_AUTO_MIN_SECONDS = 1800
 """A fit bounded by `max_time` counts as long for `compile="auto"` only if it may run at least this
-long: `estimated_stepping_batches` ignores the time limit, and a 4-minute first-order MAML fit of
-`benchmarks/omniglot_table.py` at 20-way, compiled, spent its budget compiling (30 steps, where an
-eager run on a less loaded machine had made 51). At the measured 0.82x step time a compilation of
-about a minute pays back after some 6 minutes; 30 leave a margin."""
+long: `estimated_stepping_batches` ignores the time limit. A 4-minute first-order MAML fit of
+`benchmarks/omniglot_table.py` at 20-way made 30 steps compiled and 32 eager (separate runs, the
+CPU shared with other jobs): nothing gained at that budget. At the measured 0.82x step time a
+compilation of about a minute pays back after some 6 minutes; 30 leave a margin."""
 
 
 @functools.cache
