@@ -5,10 +5,11 @@ from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModul
 from lightning_meta.data.lake import LakeOneShotDataModule, LakeRun, load_lake_runs
 from lightning_meta.data.omniglot import OmniglotClasses, load_omniglot, omniglot_splits
 from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, TaskStream, task_rng
-from lightning_meta.data.sinusoid import SinusoidTasks
+from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
 
 __all__ = [
     "ClassDataset",
+    "CorruptedSinusoidTasks",
     "EpisodicDataModule",
     "FewShotTasks",
     "FixedTaskSampler",

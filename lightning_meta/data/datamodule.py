@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from lightning_meta.data.base import FewShotTasks, TaskSource
 from lightning_meta.data.omniglot import omniglot_splits
 from lightning_meta.data.sampler import TEST, TRAIN, VAL, FixedTaskSampler, MetaBatchSampler, TaskStream
-from lightning_meta.data.sinusoid import SinusoidTasks
+from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
 
 
 def check_positive(**values: int) -> None:
@@ -164,6 +164,10 @@ class SinusoidDataModule(EpisodicDataModule):
         amplitude: range of the amplitude A.
         phase: range of the phase φ.
         x_range: range of the inputs x.
+        corrupt_fraction: the share of tasks whose support targets carry heavy-tailed outliers
+            (`CorruptedSinusoidTasks`, queries clean); 0, the default, is MAML's family.
+        outlier_rate: in a corrupted task, the share of support targets with an outlier.
+        outlier_scale: the outliers' scale (× Cauchy noise).
         tasks_per_batch: see `EpisodicDataModule`.
         batches_per_epoch: see `EpisodicDataModule`.
         val_tasks: see `EpisodicDataModule`.
@@ -181,6 +185,9 @@ class SinusoidDataModule(EpisodicDataModule):
         amplitude: tuple[float, float] = (0.1, 5.0),
         phase: tuple[float, float] = (0.0, math.pi),
         x_range: tuple[float, float] = (-5.0, 5.0),
+        corrupt_fraction: float = 0.0,
+        outlier_rate: float = 0.3,
+        outlier_scale: float = 5.0,
         tasks_per_batch: int = 25,
         batches_per_epoch: int = 100,
         val_tasks: int = 100,
@@ -201,7 +208,12 @@ class SinusoidDataModule(EpisodicDataModule):
             num_workers,
         )
         check_positive(shots=shots, query_shots=query_shots)
-        self.family = SinusoidTasks(shots, query_shots, amplitude, phase, x_range)
+        if corrupt_fraction:
+            self.family = CorruptedSinusoidTasks(
+                shots, query_shots, corrupt_fraction, outlier_rate, outlier_scale, amplitude, phase, x_range
+            )
+        else:
+            self.family = SinusoidTasks(shots, query_shots, amplitude, phase, x_range)
 
     def build_sources(self) -> dict[str, TaskSource]:
         return {"train": self.family, "val": self.family, "test": self.family}
