@@ -6,7 +6,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_meta.data import EpisodicDataModule, FewShotTasks, TaskSource, TensorClasses
+from lightning_meta.data import Augmentation, EpisodicDataModule, FewShotTasks, TaskSource, TensorClasses
+from lightning_meta.data.datamodule import split_augment
 
 
 class SyntheticClassesDataModule(EpisodicDataModule):
@@ -25,6 +26,7 @@ class SyntheticClassesDataModule(EpisodicDataModule):
         val_tasks: see `EpisodicDataModule`.
         seed: see `EpisodicDataModule`.
         batches_per_epoch: see `EpisodicDataModule`.
+        augment: augmentation of the training tasks (see `OmniglotDataModule`).
     """
 
     def __init__(
@@ -38,9 +40,10 @@ class SyntheticClassesDataModule(EpisodicDataModule):
         val_tasks: int = 4,
         seed: int = 0,
         batches_per_epoch: int = 10,
+        augment: Augmentation | None = None,
     ) -> None:
         super().__init__(tasks_per_batch, batches_per_epoch, val_tasks, val_tasks, None, seed, 0, 0)
-        self.ways, self.shots, self.query_shots = ways, shots, query_shots
+        self.ways, self.shots, self.query_shots, self.augment = ways, shots, query_shots, augment
         g = torch.Generator().manual_seed(1234)
         # Each split has classes of its own (as Omniglot's do), so a validation or test score
         # measures what a learner does on classes it never trained on, not memorisation. What
@@ -56,7 +59,9 @@ class SyntheticClassesDataModule(EpisodicDataModule):
 
     def build_sources(self) -> dict[str, TaskSource]:
         return {
-            name: FewShotTasks(split, self.ways, self.shots, self.query_shots)
+            name: FewShotTasks(
+                split, self.ways, self.shots, self.query_shots, augment=split_augment(self.augment, name)
+            )
             for name, split in zip(("train", "val", "test"), self.splits, strict=True)
         }
 

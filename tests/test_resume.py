@@ -39,7 +39,15 @@ SYNTHETIC_PROTONET = [
     "--data.init_args.tasks_per_batch=2",
     "--data.init_args.val_tasks=4",
 ]
-SETUPS = {"maml": SINUSOID_MAML, "protonet": SYNTHETIC_PROTONET}
+# Augmented training tasks: the augmentation is drawn from each task's generator, so it resumes too.
+AUGMENTED_PROTONET = [
+    *SYNTHETIC_PROTONET,
+    "--data.init_args.augment=lightning_meta.data.Augmentation",
+    "--data.init_args.augment.init_args.rotation=15",
+    "--data.init_args.augment.init_args.shift=0.1",
+    "--data.init_args.augment.init_args.flip=0.5",
+]
+SETUPS = {"maml": SINUSOID_MAML, "protonet": SYNTHETIC_PROTONET, "protonet_augmented": AUGMENTED_PROTONET}
 
 
 def clean_env() -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Task sources, episodic samplers and the task-batch DataModules."""
 
+from lightning_meta.data.augment import Augmentation
 from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, TensorClasses
 from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
 from lightning_meta.data.lake import LakeOneShotDataModule, LakeRun, load_lake_runs
@@ -8,6 +9,7 @@ from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, Task
 from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
 
 __all__ = [
+    "Augmentation",
     "ClassDataset",
     "CorruptedSinusoidTasks",
     "EpisodicDataModule",

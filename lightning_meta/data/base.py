@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_meta.data.augment import Augmentation
 from lightning_meta.task import Task
 
 
@@ -52,9 +53,19 @@ class FewShotTasks(TaskSource):
         shots: support examples per class (K).
         query_shots: query examples per class.
         name: what to call the split in error messages, e.g. "omniglot train split".
+        augment: per-image augmentation drawn from the task's generator after its examples are
+            chosen (`lightning_meta.data.augment.Augmentation`), or None.
     """
 
-    def __init__(self, dataset: ClassDataset, ways: int, shots: int, query_shots: int, name: str = "dataset") -> None:
+    def __init__(
+        self,
+        dataset: ClassDataset,
+        ways: int,
+        shots: int,
+        query_shots: int,
+        name: str = "dataset",
+        augment: Augmentation | None = None,
+    ) -> None:
         for key, value in (("ways", ways), ("shots", shots), ("query_shots", query_shots)):
             if value < 1:
                 raise ValueError(f"{key}={value} must be at least 1")
@@ -71,6 +82,7 @@ class FewShotTasks(TaskSource):
                 f"`data.query_shots`"
             )
         self.dataset, self.ways, self.shots, self.query_shots = dataset, ways, shots, query_shots
+        self.augment = augment
 
     def sample(self, rng: np.random.Generator) -> Task:
         per_class = self.shots + self.query_shots
@@ -80,10 +92,14 @@ class FewShotTasks(TaskSource):
         x = self.dataset.examples(torch.from_numpy(class_ids), torch.from_numpy(example_ids))
         y = torch.arange(self.ways).unsqueeze(1).expand(self.ways, per_class)
         shots = self.shots
+        support_x, query_x = x[:, :shots].reshape(-1, *x.shape[2:]), x[:, shots:].reshape(-1, *x.shape[2:])
+        if self.augment is not None:
+            # Drawn last, from the same generator: the classes and examples do not change.
+            support_x, query_x = self.augment.task_images(support_x, query_x, rng)
         return Task(
-            support_x=x[:, :shots].reshape(-1, *x.shape[2:]),
+            support_x=support_x,
             support_y=y[:, :shots].reshape(-1),
-            query_x=x[:, shots:].reshape(-1, *x.shape[2:]),
+            query_x=query_x,
             query_y=y[:, shots:].reshape(-1),
         )
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from lightning_meta.data.augment import Augmentation
 from lightning_meta.data.base import FewShotTasks, TaskSource
 from lightning_meta.data.omniglot import omniglot_splits
 from lightning_meta.data.sampler import TEST, TRAIN, VAL, FixedTaskSampler, MetaBatchSampler, TaskStream
@@ -26,6 +27,13 @@ def check_positive(**values: int) -> None:
     for key, value in values.items():
         if value < 1:
             raise ValueError(f"data.{key}={value} must be a positive integer")
+
+
+def split_augment(augment: Augmentation | None, split: str) -> Augmentation | None:
+    """The augmentation a split's tasks get: training tasks always, the others if `eval_tasks`."""
+    if augment is None or split == "train" or augment.eval_tasks:
+        return augment
+    return None
 
 
 class ResumableLoader(DataLoader):
@@ -239,6 +247,9 @@ class OmniglotDataModule(EpisodicDataModule):
         download: fetch the official archives (with checksums) when they are missing.
         cache_dir: where the decoded tensor is cached (default: `$LIGHTNING_META_CACHE`, else
             `~/.cache/lightning_meta`).
+        augment: per-image augmentation of training tasks (`Augmentation`, e.g. small rotations
+            and shifts), drawn from each task's own generator; validation and test tasks only
+            with its `eval_tasks: true`. Default: none.
         tasks_per_batch: see `EpisodicDataModule`.
         batches_per_epoch: see `EpisodicDataModule`.
         val_tasks: see `EpisodicDataModule`.
@@ -260,6 +271,7 @@ class OmniglotDataModule(EpisodicDataModule):
         train_split: str = "train",
         download: bool = False,
         cache_dir: str | None = None,
+        augment: Augmentation | None = None,
         tasks_per_batch: int = 32,
         batches_per_epoch: int = 100,
         val_tasks: int = 100,
@@ -290,6 +302,7 @@ class OmniglotDataModule(EpisodicDataModule):
         self.root, self.download, self.cache_dir, self.train_split = root, download, cache_dir, train_split
         self.ways, self.shots, self.train_ways = ways, shots, train_ways or ways
         self.query_shots, self.eval_query_shots = query_shots, eval_query_shots
+        self.augment = augment
 
     def build_sources(self) -> dict[str, TaskSource]:
         splits = omniglot_splits(
@@ -302,6 +315,7 @@ class OmniglotDataModule(EpisodicDataModule):
                 self.shots,
                 self.query_shots if split == "train" else self.eval_query_shots,
                 name=f"omniglot {split} split",
+                augment=split_augment(self.augment, split),
             )
             for split in ("train", "val", "test")
         }

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_meta.data.augment import Augmentation
 from lightning_meta.data.base import FewShotTasks, TaskSource
-from lightning_meta.data.datamodule import EpisodicDataModule, check_positive
+from lightning_meta.data.datamodule import EpisodicDataModule, check_positive, split_augment
 from lightning_meta.data.omniglot import (
     DATA_ENV,
     PARTS,
@@ -210,6 +211,9 @@ class LakeOneShotDataModule(EpisodicDataModule):
         query_shots: query examples per class in training tasks.
         val_characters: background characters held out for validation (4 classes each).
         cache_dir: where the decoded Omniglot tensor is cached (see `OmniglotDataModule`).
+        augment: per-image augmentation of training tasks (Koch et al. trained on affine
+            distortions; see `Augmentation`); validation only with its `eval_tasks: true`, Lake's
+            runs never.
         tasks_per_batch: see `EpisodicDataModule`.
         batches_per_epoch: see `EpisodicDataModule`.
         val_tasks: see `EpisodicDataModule`.
@@ -231,6 +235,7 @@ class LakeOneShotDataModule(EpisodicDataModule):
         query_shots: int = 5,
         val_characters: int = 100,
         cache_dir: str | None = None,
+        augment: Augmentation | None = None,
         tasks_per_batch: int = 1,
         batches_per_epoch: int = 1000,
         val_tasks: int = 200,
@@ -258,6 +263,7 @@ class LakeOneShotDataModule(EpisodicDataModule):
         self.root, self.cache_dir = root, cache_dir
         self.ways, self.shots, self.query_shots, self.val_characters = ways, shots, query_shots, val_characters
         self.runs: LakeRuns | None = None
+        self.augment = augment
 
     def setup(self, stage: str | None = None) -> None:
         # Validation is 20-way too: refuse a head of another size before fit loads any data,
@@ -281,8 +287,12 @@ class LakeOneShotDataModule(EpisodicDataModule):
             "val": OmniglotClasses(data.images, with_rotations(np.sort(perm[: self.val_characters])), data.names),
         }
         return {
-            "train": FewShotTasks(splits["train"], self.ways, self.shots, self.query_shots, "omniglot background"),
-            "val": FewShotTasks(splits["val"], LAKE_WAYS, 1, 1, "held-out background characters"),
+            "train": FewShotTasks(
+                splits["train"], self.ways, self.shots, self.query_shots, "omniglot background", self.augment
+            ),
+            "val": FewShotTasks(
+                splits["val"], LAKE_WAYS, 1, 1, "held-out background characters", split_augment(self.augment, "val")
+            ),
         }
 
     def test_dataloader(self) -> DataLoader:
