@@ -70,3 +70,68 @@ def test_zero_corruption_is_the_maml_family_and_the_stream_splits_across_ranks()
 def test_bad_corruption_settings_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SinusoidDataModule(**kwargs)
+
+
+def five_shot_source(ways: int = 5, shots: int = 5):
+    from lightning_meta.data import FewShotTasks, TensorClasses
+
+    data = torch.arange(12 * 10, dtype=torch.float32).reshape(12, 10, 1)
+    return FewShotTasks(TensorClasses(data), ways=ways, shots=shots, query_shots=3)
+
+
+def test_label_noise_flips_support_labels_of_the_seeded_tasks_only_and_never_the_queries():
+    from lightning_meta.data import LabelNoiseTasks
+
+    clean = five_shot_source()
+    noisy = LabelNoiseTasks(five_shot_source(), corrupt_fraction=0.4, flip_rate=0.3)
+    kinds, flips, labels = [], 0, 0
+    for i in range(1000):
+        reference = clean.sample(task_rng(0, TRAIN, i))
+        task, corrupted = noisy.sample_with_type(task_rng(0, TRAIN, i))
+        kinds.append(corrupted)
+        assert torch.equal(task.support_x, reference.support_x)
+        assert torch.equal(task.query_x, reference.query_x) and torch.equal(task.query_y, reference.query_y)
+        changed = task.support_y != reference.support_y
+        if not corrupted:
+            assert not changed.any()
+        else:
+            flips += int(changed.sum())
+            labels += len(changed)
+            assert int(task.support_y.max()) < 5 and int(task.support_y.min()) >= 0
+    n = len(kinds)
+    assert abs(sum(kinds) - 0.4 * n) < 4 * math.sqrt(n * 0.4 * 0.6)
+    # A hit always moves the label to another class, so the flipped share is the flip rate.
+    assert abs(flips / labels - 0.3) < 0.03
+    # Zero noise is the clean family, task for task.
+    plain = LabelNoiseTasks(five_shot_source(), corrupt_fraction=0.0)
+    assert torch.equal(plain.sample(task_rng(0, TRAIN, 3)).support_y, clean.sample(task_rng(0, TRAIN, 3)).support_y)
+
+
+def test_label_noise_refuses_bad_shares_and_regression_sources():
+    from lightning_meta.data import LabelNoiseTasks, OmniglotDataModule
+
+    with pytest.raises(ValueError, match=r"data.label_noise=1.5 must be in \[0, 1\]"):
+        OmniglotDataModule(label_noise=1.5)
+    with pytest.raises(ValueError, match=r"data.flip_rate=0 must be in \(0, 1\]"):
+        LabelNoiseTasks(five_shot_source(), 0.5, 0)
+    with pytest.raises(ValueError, match="classification"):
+        LabelNoiseTasks(SinusoidTasks(5, 5), 1.0).sample(task_rng(0, TRAIN, 0))
+
+
+def test_linear_regression_tasks_have_the_stated_noise_and_sparsity():
+    from lightning_meta.data import LinearRegressionTasks
+
+    family = LinearRegressionTasks(dim=16, shots=200, query_shots=2000, noise_var=2.0, active=4)
+    residuals = []
+    for i in range(20):
+        task, w = family.sample_with_weights(task_rng(0, TRAIN, i))
+        assert task.support_x.shape == (200, 16) and task.support_y.shape == (200, 1)
+        assert int((w != 0).sum()) == 4
+        pred = task.query_x.double() @ torch.from_numpy(w)
+        residuals.append(task.query_y.double().squeeze(-1) - pred)
+    variance = float(torch.cat(residuals).var())
+    assert abs(variance - 2.0) < 0.1
+    again, _ = family.sample_with_weights(task_rng(0, TRAIN, 3))
+    assert torch.equal(again.support_x, family.sample(task_rng(0, TRAIN, 3)).support_x)
+    with pytest.raises(ValueError, match=r"data.active=17 must be in 1\.\.dim=16"):
+        LinearRegressionTasks(active=17)

@@ -4,6 +4,7 @@ from lightning_meta.data.augment import Augmentation
 from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, TensorClasses
 from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
 from lightning_meta.data.lake import LakeOneShotDataModule, LakeRun, load_lake_runs
+from lightning_meta.data.noisy import LabelNoiseTasks, LinearRegressionTasks
 from lightning_meta.data.omniglot import OmniglotClasses, load_omniglot, omniglot_splits
 from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, TaskStream, task_rng
 from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
@@ -15,8 +16,10 @@ __all__ = [
     "EpisodicDataModule",
     "FewShotTasks",
     "FixedTaskSampler",
+    "LabelNoiseTasks",
     "LakeOneShotDataModule",
     "LakeRun",
+    "LinearRegressionTasks",
     "MetaBatchSampler",
     "OmniglotClasses",
     "OmniglotDataModule",

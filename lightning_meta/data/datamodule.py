@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_meta.data.augment import Augmentation
 from lightning_meta.data.base import FewShotTasks, TaskSource
+from lightning_meta.data.noisy import LabelNoiseTasks
 from lightning_meta.data.omniglot import omniglot_splits
 from lightning_meta.data.sampler import TEST, TRAIN, VAL, FixedTaskSampler, MetaBatchSampler, TaskStream
 from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
@@ -250,6 +251,9 @@ class OmniglotDataModule(EpisodicDataModule):
         augment: per-image augmentation of training tasks (`Augmentation`, e.g. small rotations
             and shifts), drawn from each task's own generator; validation and test tasks only
             with its `eval_tasks: true`. Default: none.
+        label_noise: the share of tasks (every split) whose support labels are partly flipped
+            (`LabelNoiseTasks`, queries clean): a family where the inner loss matters. Default 0.
+        flip_rate: in such a task, the share of support labels flipped to another class.
         tasks_per_batch: see `EpisodicDataModule`.
         batches_per_epoch: see `EpisodicDataModule`.
         val_tasks: see `EpisodicDataModule`.
@@ -272,6 +276,8 @@ class OmniglotDataModule(EpisodicDataModule):
         download: bool = False,
         cache_dir: str | None = None,
         augment: Augmentation | None = None,
+        label_noise: float = 0.0,
+        flip_rate: float = 0.2,
         tasks_per_batch: int = 32,
         batches_per_epoch: int = 100,
         val_tasks: int = 100,
@@ -302,13 +308,14 @@ class OmniglotDataModule(EpisodicDataModule):
         self.root, self.download, self.cache_dir, self.train_split = root, download, cache_dir, train_split
         self.ways, self.shots, self.train_ways = ways, shots, train_ways or ways
         self.query_shots, self.eval_query_shots = query_shots, eval_query_shots
-        self.augment = augment
+        self.augment, self.label_noise, self.flip_rate = augment, label_noise, flip_rate
+        LabelNoiseTasks.check(label_noise, flip_rate)  # before any data loads
 
     def build_sources(self) -> dict[str, TaskSource]:
         splits = omniglot_splits(
             root=self.root, cache_dir=self.cache_dir, download=self.download, train_split=self.train_split
         )
-        return {
+        sources: dict[str, TaskSource] = {
             split: FewShotTasks(
                 splits[split],
                 self.train_ways if split == "train" else self.ways,
@@ -319,3 +326,6 @@ class OmniglotDataModule(EpisodicDataModule):
             )
             for split in ("train", "val", "test")
         }
+        if self.label_noise:
+            sources = {k: LabelNoiseTasks(v, self.label_noise, self.flip_rate) for k, v in sources.items()}
+        return sources
