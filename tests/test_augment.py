@@ -152,5 +152,5 @@ def test_bad_options_name_the_value_and_the_fix(kwargs, words):
 
 
 def test_saturation_on_greyscale_images_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="saturation=0.5 needs RGB"):
+    with pytest.raises(ValueError, match=r"saturation=0\.5 needs RGB"):
         Augmentation(saturation=0.5).images(images(channels=1), rng())
