@@ -77,7 +77,7 @@ def make_mini_csv(root, per_class=2, counts=(64, 16, 20)):
         with open(base / f"{split}.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["filename", "label"])
-            for c in range(n):
+            for _ in range(n):
                 wnid = f"n{g:08d}"
                 index[wnid] = g
                 for j in range(per_class):
@@ -189,7 +189,7 @@ def check_values(splits, index, tol=0.0):
         for c in range(len(classes)):
             n = int(classes.num_examples[c])
             x = classes.examples(torch.tensor([c]), torch.arange(n).unsqueeze(0))[0]
-            assert x.dtype == torch.float32 and x.shape[1] == 3 and 0 <= x.min() and x.max() <= 1
+            assert x.dtype == torch.float32 and x.shape[1] == 3 and x.min() >= 0 and x.max() <= 1
             expected = torch.tensor([colour(index[classes.class_names[c]], j) for j in range(n)]) / 255
             assert torch.allclose(x.mean(dim=(-2, -1)), expected, atol=tol + 1e-6), (split, c)
 
