@@ -430,3 +430,25 @@ def test_datamodules_yield_task_batches(tmp_path, module, make, size):
     assert batch[0].support_x.shape == (5, 3, size, size)
     test_batch = next(iter(data.test_dataloader()))
     assert test_batch[0].query_x.shape == (5, 3, size, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "make"),
+    [("miniimagenet_5w1s/protonet.yaml", make_mini_pickles), ("cifarfs_5w1s/maml.yaml", make_cifar100)],
+)
+def test_a_config_fits_and_tests_on_its_fixture_through_the_cli(tmp_path, config, make):
+    from lightning_meta.cli import run_cli
+
+    make(tmp_path / "data")
+    args = ["fit", "--config", f"configs/{config}", "--trainer.logger=false", "--trainer.enable_checkpointing=false"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.val_check_interval=2"]
+    args += [f"--data.root={tmp_path / 'data'}", f"--data.cache_dir={tmp_path / 'cache'}", "--data.shots=1"]
+    args += ["--data.query_shots=1", "--data.eval_query_shots=1", "--data.tasks_per_batch=2", "--data.val_tasks=2"]
+    args += ["--data.test_tasks=2", "--data.eval_tasks_per_batch=2"]
+    if "protonet" in config:
+        args.append("--data.train_ways=5")  # the fixture's classes hold 2 images; the paper trains 30-way
+    cli = run_cli(args)
+    assert cli.trainer.global_step == 2
+    results = cli.trainer.callback_metrics
+    assert float(results["test/tasks"]) == 2 and 0.0 <= float(results["test/acc"]) <= 1.0
