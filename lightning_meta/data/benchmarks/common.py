@@ -184,7 +184,7 @@ def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> np.ndarra
             image = image.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.LANCZOS)
-            return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+            return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))  # a writable copy
     except (OSError, SyntaxError, ValueError) as e:
         where = "an image held in a pickle" if isinstance(source, bytes) else str(source)
         raise ValueError(f"cannot decode {where} ({e}): the file is damaged; replace it") from e

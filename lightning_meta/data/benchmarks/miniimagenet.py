@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,6 @@ from lightning_meta.data.benchmarks.common import (
     decode_cached,
     decode_image,
     gdrive_url,
-    group_by_class,
     prepare_archive,
     read_pickle,
     resize_uint8,
@@ -109,18 +109,26 @@ def _decode_pickles(paths: dict[str, Path], image_size: int) -> dict[str, object
 
 
 def _decode_csvs(base: Path, rows: dict[str, list[tuple[str, str]]], image_size: int) -> dict[str, object]:
-    images, labels, names, splits = [], [], [], []
+    names, splits, files, counts = [], [], [], []
     for split in SPLITS:
-        classes = sorted({label for _, label in rows[split]})
-        index = {c: len(names) + i for i, c in enumerate(classes)}
-        names += classes
-        splits += [split] * len(classes)
+        by_class: dict[str, list[str]] = defaultdict(list)
         for filename, label in rows[split]:
-            images.append(decode_image(base / "images" / filename, image_size))
-            labels.append(index[label])
-    stacked = torch.from_numpy(np.stack(images))
-    grouped, counts = group_by_class(stacked, np.asarray(labels), len(names))
-    return {"images": grouped, "counts": counts, "class_names": names, "class_splits": splits}
+            by_class[label].append(filename)
+        for label in sorted(by_class):  # each class contiguous, CSV order kept within
+            names.append(label)
+            splits.append(split)
+            files += by_class[label]
+            counts.append(len(by_class[label]))
+    # Filled one image at a time: no second copy of the decoded dataset.
+    images = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
+    for i, filename in enumerate(files):
+        images[i] = torch.from_numpy(decode_image(base / "images" / filename, image_size))
+    return {
+        "images": images,
+        "counts": torch.tensor(counts),
+        "class_names": names,
+        "class_splits": splits,
+    }
 
 
 def load_miniimagenet(

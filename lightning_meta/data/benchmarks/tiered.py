@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from lightning_meta.data.benchmarks.common import (
     SPLITS,
@@ -33,7 +34,6 @@ from lightning_meta.data.benchmarks.common import (
     decode_cached,
     decode_image,
     gdrive_url,
-    group_by_class,
     prepare_archive,
     read_pickle,
     resize_uint8,
@@ -84,34 +84,45 @@ def _labels(path: Path) -> tuple[np.ndarray, list[str]]:
     return labels, names[:count]
 
 
-def _images(path: Path, image_size: int) -> torch.Tensor:
+_CHUNK = 4096
+"""Images converted at a time from an npz array, so the conversion never copies a whole split."""
+
+
+def _fill(out: Tensor, path: Path, order: np.ndarray, image_size: int) -> None:
+    """Write the images of `path` into `out` (uint8 [n, 3, S, S]) in the order `order`, one image
+    or one chunk at a time: tiered-ImageNet decoded is 16.5 GB, so no second copy is made."""
     if path.suffix == ".npz":
         with np.load(path) as f:
             if "images" not in f:
                 raise ValueError(f"{path} has no `images` array (keys: {list(f)}): not a tiered-ImageNet npz")
-            array = np.asarray(f["images"], dtype=np.uint8)
-        if array.ndim != 4 or array.shape[-1] != 3:
-            raise ValueError(f"{path}: images has shape {array.shape}, expected [N, H, W, 3]")
-        return resize_uint8(torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2))), image_size)
+            array = f["images"]
+        if array.ndim != 4 or array.shape[-1] != 3 or len(array) != len(out):
+            raise ValueError(f"{path}: images has shape {array.shape}, expected [{len(out)}, H, W, 3]")
+        for i in range(0, len(order), _CHUNK):
+            chunk = np.ascontiguousarray(array[order[i : i + _CHUNK]].transpose(0, 3, 1, 2))
+            out[i : i + _CHUNK] = resize_uint8(torch.from_numpy(chunk), image_size)
+        return
     encoded = read_pickle(path, encoding="bytes")
-    return torch.from_numpy(np.stack([decode_image(bytes(np.asarray(b, dtype=np.uint8)), image_size) for b in encoded]))
+    if len(encoded) != len(out):
+        raise ValueError(f"{path} holds {len(encoded)} images, its labels {len(out)}")
+    for i, k in enumerate(order.tolist()):
+        out[i] = torch.from_numpy(decode_image(bytes(np.asarray(encoded[k], dtype=np.uint8)), image_size))
 
 
 def _decode(folder: Path, images: dict[str, Path], image_size: int) -> dict[str, object]:
-    parts, counts, names, splits = [], [], [], []
+    labels = {split: _labels(folder / f"{split}_labels.pkl") for split in SPLITS}
+    total = sum(len(lab) for lab, _ in labels.values())
+    out = torch.empty((total, 3, image_size, image_size), dtype=torch.uint8)
+    counts, names, splits, start = [], [], [], 0
     for split in SPLITS:
-        labels, class_names = _labels(folder / f"{split}_labels.pkl")
-        x = _images(images[split], image_size)
-        if len(x) != len(labels):
-            raise ValueError(
-                f"{images[split]} holds {len(x)} images but {folder / f'{split}_labels.pkl'} {len(labels)}"
-            )
-        grouped, n = group_by_class(x, labels, len(class_names))
-        parts.append(grouped)
-        counts.append(n)
+        split_labels, class_names = labels[split]
+        order = np.argsort(split_labels, kind="stable")  # each class contiguous, file order kept within
+        _fill(out[start : start + len(order)], images[split], order, image_size)
+        start += len(order)
+        counts.append(torch.from_numpy(np.bincount(split_labels, minlength=len(class_names))))
         names += class_names
         splits += [split] * len(class_names)
-    return {"images": torch.cat(parts), "counts": torch.cat(counts), "class_names": names, "class_splits": splits}
+    return {"images": out, "counts": torch.cat(counts), "class_names": names, "class_splits": splits}
 
 
 def load_tiered_imagenet(
