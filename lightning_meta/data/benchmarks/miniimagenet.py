@@ -119,6 +119,12 @@ def _decode_csvs(base: Path, rows: dict[str, list[tuple[str, str]]], image_size:
             splits.append(split)
             files += by_class[label]
             counts.append(len(by_class[label]))
+    missing = [base / "images" / f for f in files if not (base / "images" / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} images listed in {base}/*.csv are missing, e.g. {missing[0]}: put the mini-ImageNet "
+            f"images in {base / 'images'}/ (or use the pickled cache: `--data.download true`)"
+        )
     # Filled one image at a time: no second copy of the decoded dataset.
     images = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
     for i, filename in enumerate(files):
@@ -179,12 +185,6 @@ def load_miniimagenet(
         )
     else:
         rows = {s: _read_csv(csvs[s]) for s in SPLITS}
-        missing = [base / "images" / f for s in SPLITS for f, _ in rows[s] if not (base / "images" / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} images listed in {base}/*.csv are missing, e.g. {missing[0]}: put the mini-ImageNet "
-                f"images in {base / 'images'}/ (or use the pickled cache: `--data.download true`)"
-            )
         data = decode_cached(
             f"miniimagenet-{image_size}px",
             list(csvs.values()),
