@@ -122,8 +122,9 @@ def test_the_datamodule_augments_training_tasks_only_unless_asked():
     augmented = SyntheticClassesDataModule(val_tasks=2, augment=aug)
     for dm in (plain, augmented):
         dm.setup()
-    t0, t1 = plain.sources["train"].sample(task_rng(0, TRAIN, 0)), augmented.sources["train"].sample(
-        task_rng(0, TRAIN, 0)
+    t0, t1 = (
+        plain.sources["train"].sample(task_rng(0, TRAIN, 0)),
+        augmented.sources["train"].sample(task_rng(0, TRAIN, 0)),
     )
     assert not torch.allclose(t0.support_x, t1.support_x)
     v0, v1 = next(iter(plain.val_dataloader())), next(iter(augmented.val_dataloader()))

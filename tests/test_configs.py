@@ -11,6 +11,13 @@ from lightning_meta.algorithms import MetaSGD, ProtoNet
 from lightning_meta.algorithms.base import supervised_loss
 from lightning_meta.cli import run_cli
 from lightning_meta.data import LakeOneShotDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data.benchmarks import (
+    CIFARFSDataModule,
+    CUBDataModule,
+    FC100DataModule,
+    MiniImageNetDataModule,
+    TieredImageNetDataModule,
+)
 from lightning_meta.inner_loop import forward
 from lightning_meta.models import Conv4
 
@@ -18,6 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 # configs/sweeps/ holds Ray Tune search spaces, not run configs: tests/test_tune_space.py checks them.
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps")
 NO_LOGGER = ["--trainer.logger=false"]
+IMAGE_BENCHMARKS = (
+    MiniImageNetDataModule,
+    TieredImageNetDataModule,
+    CIFARFSDataModule,
+    FC100DataModule,
+    CUBDataModule,
+)
 
 
 def build(*args: str):
@@ -28,6 +42,14 @@ def test_there_are_configs_for_every_benchmark_of_the_spine():
     names = {str(p.relative_to(REPO / "configs")) for p in CONFIGS}
     expected = {"sinusoid/maml.yaml"} | {
         f"omniglot_{b}/{a}.yaml" for b in ("5w1s", "5w5s", "20w1s") for a in ("maml", "fomaml", "protonet")
+    }
+    mini = ("maml", "protonet", "protonet_resnet12")
+    expected |= {f"miniimagenet_{b}/{a}.yaml" for b in ("5w1s", "5w5s") for a in mini}
+    expected |= {
+        "tieredimagenet_5w1s/protonet_resnet12.yaml",
+        "cifarfs_5w1s/maml.yaml",
+        "fc100_5w1s/protonet_resnet12.yaml",
+        "cub_5w1s/protonet.yaml",
     }
     assert expected <= names
 
@@ -48,6 +70,17 @@ def test_config_parses_and_builds(config):
             assert out.shape == (2 * ways, ways)
         else:  # a 64-d embedding, or 64 feature maps (Relation Networks)
             assert out.shape[:2] == (2 * ways, 64)
+    elif isinstance(cli.datamodule, IMAGE_BENCHMARKS):
+        # The few-shot image benchmarks are not on these machines: building reads no data, and
+        # the model runs on a batch of the benchmark's image shape (their readers are tested on
+        # generated fixtures in tests/test_benchmark_readers.py).
+        ways = cli.datamodule.ways
+        x = torch.zeros(2 * ways, *cli.datamodule.image_shape)
+        out = cli.model.backbone(x)
+        if cli.model.uses_output_head:
+            assert out.shape == (2 * ways, ways)
+        else:  # an embedding
+            assert out.dim() == 2 and out.shape[0] == 2 * ways
     else:
         assert isinstance(cli.datamodule, SinusoidDataModule)
 
