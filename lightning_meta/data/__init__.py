@@ -1,7 +1,14 @@
 """Task sources, episodic samplers and the task-batch DataModules."""
 
 from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, TensorClasses
-from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data.datamodule import (
+    EpisodicDataModule,
+    FewShotDataModule,
+    OmniglotDataModule,
+    SinusoidDataModule,
+)
+from lightning_meta.data.folders import DatasetClasses, ImageFolderClasses, class_folders
+from lightning_meta.data.images import ImageFormat
 from lightning_meta.data.lake import LakeOneShotDataModule, LakeRun, load_lake_runs
 from lightning_meta.data.omniglot import OmniglotClasses, load_omniglot, omniglot_splits
 from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, TaskStream, task_rng
@@ -10,9 +17,13 @@ from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
 __all__ = [
     "ClassDataset",
     "CorruptedSinusoidTasks",
+    "DatasetClasses",
     "EpisodicDataModule",
+    "FewShotDataModule",
     "FewShotTasks",
     "FixedTaskSampler",
+    "ImageFolderClasses",
+    "ImageFormat",
     "LakeOneShotDataModule",
     "LakeRun",
     "MetaBatchSampler",
@@ -23,6 +34,7 @@ __all__ = [
     "TaskSource",
     "TaskStream",
     "TensorClasses",
+    "class_folders",
     "load_lake_runs",
     "load_omniglot",
     "omniglot_splits",

@@ -22,6 +22,7 @@ import tempfile
 import urllib.request
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ __all__ = [
     "CACHE_ENV",
     "DATA_ENV",
     "IMAGE_SUFFIXES",
-    "MODES",
+    "ImageFormat",
     "cache_key",
     "decode_image",
     "decode_in_pool",
@@ -42,6 +43,7 @@ __all__ = [
     "default_workers",
     "download",
     "files_fingerprint",
+    "image_files",
     "locate_data_root",
     "read_cache",
     "read_image_file",
@@ -55,8 +57,6 @@ CACHE_ENV = "LIGHTNING_META_CACHE"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 """File endings read as images (case-insensitive)."""
-MODES = {"L": 1, "RGB": 3}
-"""Pillow modes an image is converted to, and their channels: greyscale or RGB."""
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -120,6 +120,13 @@ def decode_image(data: bytes, image_size: int, mode: str = "L", invert: bool = F
     image = Image.open(io.BytesIO(data)).convert(mode).resize((image_size, image_size), Image.LANCZOS)
     array = np.asarray(image, dtype=np.uint8)
     return 255 - array if invert else array
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (by ending, case-insensitive; hidden files skipped), sorted."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def read_image_file(path: Path, image_size: int, mode: str = "L", invert: bool = False) -> np.ndarray:
@@ -233,6 +240,37 @@ def write_cache(path: Path, payload: dict, what: str) -> bool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How a dataset's images are decoded, so new images (`lightning-meta predict`) are decoded as
+    the model's training images were.
+
+    Attributes:
+        image_size: side of the square images.
+        channels: 1 (greyscale, Pillow mode "L") or 3 (RGB).
+        invert: 255 − v (ink high, as Omniglot's drawings).
+    """
+
+    image_size: int
+    channels: int = 3
+    invert: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size={self.image_size!r} must be a positive integer, e.g. 84")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels={self.channels!r} must be 1 (greyscale) or 3 (RGB)")
+
+    @property
+    def mode(self) -> str:
+        """The Pillow mode images are converted to."""
+        return "L" if self.channels == 1 else "RGB"
+
+    def read(self, path: Path) -> np.ndarray:
+        """One image file as uint8 `[C, S, S]` (`read_image_file`)."""
+        return read_image_file(path, self.image_size, self.mode, self.invert)
 
 
 def is_uint8_images(images: Any, dims: int) -> bool:
