@@ -258,6 +258,8 @@ class LightningMetaCLI(LightningCLI):
         if self.subcommand in ("fit", None):  # every subcommand has test_after_fit; only fit uses it
             self._check_inference_mode(config)
         self._check_checkpoint_options(config)
+        if self.subcommand == "predict":
+            self.save_config_callback = None  # a prediction is no run to record: no config.yaml in the folder
 
     def _check_checkpoint_options(self, config: Any) -> None:
         """Refuse `checkpoint.*` options that `trainer.enable_checkpointing=false` would ignore."""

@@ -221,13 +221,14 @@ def test_predict_refuses_bad_input_naming_the_value_and_the_fix(small_checkpoint
 def test_a_model_meta_trained_300_steps_predicts_unseen_characters_from_folders(
     data_root, tmp_path, monkeypatch, capsys
 ):
-    """End to end: meta-train ProtoNet 300 steps (20-way episodes) on Omniglot's training split,
+    """End to end: meta-train ProtoNet (Conv4-32) 300 steps (20-way episodes) on Omniglot's training split,
     arrange 5 characters of its test split as folders (1 support drawing each, 25 queries), and
     predict. Chance is 5 of 25."""
     monkeypatch.chdir(REPO)
-    ckpt = fit_protonet(tmp_path, data_root, 300, "--data.train_ways=20")
+    narrow = "--model.backbone.init_args.hidden_channels=32"  # a quarter of Conv4-64's compute
+    ckpt = fit_protonet(tmp_path, data_root, 300, "--data.train_ways=20", narrow)
     truth = arrange_unseen_characters(data_root, tmp_path / "task")
-    predict(PROTONET, ckpt, tmp_path / "task", f"--data.root={data_root}")
+    predict(PROTONET, ckpt, tmp_path / "task", f"--data.root={data_root}", narrow)
     out = capsys.readouterr().out
     assert "query_file" in out and "predictions written to" in out
     with open(tmp_path / "task" / "predictions.csv") as f:
