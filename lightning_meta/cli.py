@@ -360,7 +360,9 @@ class LightningMetaCLI(LightningCLI):
                 "lightning-meta predict needs --folders FOLDER, laid out as FOLDER/support/<class name>/*.png "
                 "and FOLDER/query/*.png (README 'Predicting on your own data')"
             )
-        check_checkpoint(model, ckpt_path)
+        # The weights alone: the fit's callback states (its checkpoint folder) mean nothing here, and
+        # the evaluation protocol is this command's (`--protocol.evaluation`).
+        model.load_state_dict(check_checkpoint(model, ckpt_path))
         image_format = getattr(self.datamodule, "image_format", lambda: None)()
         if image_format is None:
             raise ValueError(
@@ -370,7 +372,7 @@ class LightningMetaCLI(LightningCLI):
             )
         task = load_folder_task(folders, image_format)
         loader = DataLoader([task.as_batch()], batch_size=None)
-        predictions = self.trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path)[0][0]
+        predictions = self.trainer.predict(model, dataloaders=loader)[0][0]
         rows = write_predictions(
             output := Path(config.get("output") or Path(folders) / "predictions.csv"),
             task,
@@ -388,9 +390,10 @@ class LightningMetaCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def check_checkpoint(model: MetaLearner, ckpt_path: str | None) -> None:
-    """Refuse a missing or unreadable checkpoint, or one whose weights are not this model's, naming
-    the path and the fix (Lightning's own error is a list of tensor names)."""
+def check_checkpoint(model: MetaLearner, ckpt_path: str | None) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (its `state_dict`); a missing or unreadable checkpoint, or one whose
+    weights are not this model's, is refused naming the path and the fix (Lightning's own error is
+    a list of tensor names)."""
     if ckpt_path is None:
         raise ValueError("lightning-meta predict needs --ckpt_path: the checkpoint of a meta-trained model (last.ckpt)")
     path = Path(ckpt_path).expanduser()
@@ -422,6 +425,7 @@ def check_checkpoint(model: MetaLearner, ckpt_path: str | None) -> None:
             f"({type(model).__name__}, backbone {type(model.backbone).__name__}): {'; '.join(problems)}. Pass the "
             "config the checkpoint was trained with (the run's config.yaml), or a checkpoint of this config"
         )
+    return state
 
 
 def run_cli(args: list[str] | None = None, run: bool = True, report_errors: bool = False) -> LightningMetaCLI:
