@@ -25,16 +25,20 @@ from typing import IO, Any, NoReturn
 
 import jsonargparse
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.trainer.states import TrainerStatus
+from torch.utils.data import DataLoader
 
 from lightning_meta.algorithms.base import MetaLearner
+from lightning_meta.algorithms.predictor import prediction_probabilities
 from lightning_meta.callbacks import EvaluationProtocol
 from lightning_meta.checkpoint_io import AtomicCheckpointIO
 from lightning_meta.data.datamodule import EpisodicDataModule
+from lightning_meta.data.predict import format_table, load_folder_task, write_predictions
 
 TRACEBACK_VARIABLE = "LIGHTNING_META_TRACEBACK"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -254,6 +258,8 @@ class LightningMetaCLI(LightningCLI):
         if self.subcommand in ("fit", None):  # every subcommand has test_after_fit; only fit uses it
             self._check_inference_mode(config)
         self._check_checkpoint_options(config)
+        if self.subcommand == "predict":
+            self.save_config_callback = None  # a prediction is no run to record: no config.yaml in the folder
 
     def _check_checkpoint_options(self, config: Any) -> None:
         """Refuse `checkpoint.*` options that `trainer.enable_checkpointing=false` would ignore."""
@@ -318,10 +324,108 @@ class LightningMetaCLI(LightningCLI):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters into the config here, before anything
+        # else: a file that is not a checkpoint would fail with the unpickler's message alone.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as e:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} could not be read as a Lightning checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}): give the last.ckpt of a `lightning-meta fit` run"
+            ) from e
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--folders",
+                type=str | None,
+                default=None,
+                help="a task of your own: FOLDER/support/<class name>/*.png|jpg and FOLDER/query/*.png|jpg",
+            )
+            parser.add_argument(
+                "--output", type=str | None, default=None, help="the CSV to write (default FOLDER/predictions.csv)"
+            )
+        return parser
+
+    def predict(self, model: MetaLearner, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """`lightning-meta predict`: adapt the checkpoint's learner on `--folders`' support set and
+        classify its queries (`predict_step`), writing a CSV and printing a short table."""
+        config = self.config["predict"]
+        folders = config.get("folders")
+        if folders is None:
+            raise ValueError(
+                "lightning-meta predict needs --folders FOLDER, laid out as FOLDER/support/<class name>/*.png "
+                "and FOLDER/query/*.png (README 'Predicting on your own data')"
+            )
+        # The weights alone: the fit's callback states (its checkpoint folder) mean nothing here, and
+        # the evaluation protocol is this command's (`--protocol.evaluation`).
+        model.load_state_dict(check_checkpoint(model, ckpt_path))
+        image_format = getattr(self.datamodule, "image_format", lambda: None)()
+        if image_format is None:
+            raise ValueError(
+                f"the config's data, {type(self.datamodule).__name__}, does not say how its images are decoded, so "
+                "new images cannot be read as the model's were: predict from a config whose data is "
+                "OmniglotDataModule, or FewShotDataModule with ImageFolderClasses"
+            )
+        task = load_folder_task(folders, image_format)
+        loader = DataLoader([task.as_batch()], batch_size=None)
+        predictions = self.trainer.predict(model, dataloaders=loader)[0][0]
+        rows = write_predictions(
+            output := Path(config.get("output") or Path(folders) / "predictions.csv"),
+            task,
+            prediction_probabilities(model, predictions.float()),
+        )
+        print(format_table(rows))
+        print(
+            f"{len(rows)} query images, {len(task.class_names)} classes ({len(task.support_y)} support images): "
+            f"predictions written to {output}"
+        )
+
     def after_fit(self) -> None:
         if self.config.fit.test_after_fit:
             # The final weights, not a reloaded checkpoint: what was just trained is tested.
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def check_checkpoint(model: MetaLearner, ckpt_path: str | None) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (its `state_dict`); a missing or unreadable checkpoint, or one whose
+    weights are not this model's, is refused naming the path and the fix (Lightning's own error is
+    a list of tensor names)."""
+    if ckpt_path is None:
+        raise ValueError("lightning-meta predict needs --ckpt_path: the checkpoint of a meta-trained model (last.ckpt)")
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path} is not a file: give the last.ckpt of a `lightning-meta fit` run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as e:
+        raise ValueError(
+            f"--ckpt_path {path} could not be read as a Lightning checkpoint ({type(e).__name__}: {e}): give the "
+            "last.ckpt of a `lightning-meta fit` run"
+        ) from e
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} {list(state[k].shape)} ≠ {list(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or reshaped:
+        problems = [
+            f"{len(found)} {what} (e.g. {', '.join(found[:2])})"
+            for found, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+            if found
+        ]
+        raise ValueError(
+            f"--ckpt_path {path} does not hold the weights of the model this config builds "
+            f"({type(model).__name__}, backbone {type(model.backbone).__name__}): {'; '.join(problems)}. Pass the "
+            "config the checkpoint was trained with (the run's config.yaml), or a checkpoint of this config"
+        )
+    return state
 
 
 def run_cli(args: list[str] | None = None, run: bool = True, report_errors: bool = False) -> LightningMetaCLI:

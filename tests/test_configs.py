@@ -10,7 +10,7 @@ import torch
 from lightning_meta.algorithms import MetaSGD, ProtoNet
 from lightning_meta.algorithms.base import supervised_loss
 from lightning_meta.cli import run_cli
-from lightning_meta.data import LakeOneShotDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data import FewShotDataModule, LakeOneShotDataModule, OmniglotDataModule, SinusoidDataModule
 from lightning_meta.data.benchmarks import (
     CIFARFSDataModule,
     CUBDataModule,
@@ -81,6 +81,9 @@ def test_config_parses_and_builds(config):
             assert out.shape == (2 * ways, ways)
         else:  # an embedding
             assert out.dim() == 2 and out.shape[0] == 2 * ways
+    elif isinstance(cli.datamodule, FewShotDataModule):  # image folders: the format says the input shape
+        fmt = cli.datamodule.image_format()
+        assert cli.model.backbone(torch.zeros(4, fmt.channels, fmt.image_size, fmt.image_size)).shape[0] == 4
     else:
         assert isinstance(cli.datamodule, SinusoidDataModule)
 

@@ -9,11 +9,14 @@ reaches it through the features (and, second order, through the head's inner gra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
+from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached
 from lightning_meta.inner_loop import adapt, forward, named_params
 from lightning_meta.models.norm import prepended_rows
 from lightning_meta.task import Params, Task
@@ -124,3 +127,13 @@ class ANIL(MetaLearner):
         predictions = forward(self.head_module, trajectory[-1], query_features)
         loss_before = None if self.training else supervised_loss(output_before, task.query_y).detach()
         return TaskOutput(supervised_loss(predictions, task.query_y), predictions, loss_before)
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """`eval_inner_steps` head steps on the support features; the predictor runs the body at θ0
+        and the adapted head (`MetaLearner.adapt_to`)."""
+
+        def adapt() -> Callable[[Tensor], Tensor]:
+            adapted = detached(self.adapt_head(self.features(support_x)[0], support_y, self.eval_inner_steps)[-1])
+            return lambda query_x: forward(self.head_module, adapted, self.features(query_x)[0])
+
+        return adapted_predictor(self, support_x, support_y, adapt)

@@ -33,6 +33,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms import task_parallel
+from lightning_meta.algorithms.predictor import Predictor
 from lightning_meta.models.norm import support_statistics
 from lightning_meta.task import Task, TaskBatch
 
@@ -455,6 +456,30 @@ class MetaLearner(pl.LightningModule):
 
     def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """Adapt to a support set of one's own and return a predictor for queries without labels
+        (`lightning_meta.algorithms.predictor`): `predictor(query_x)` gives what evaluation gives
+        on the same task, `predictor.probabilities(query_x)` class probabilities. Usable outside
+        any Trainer; runs in eval mode under `eval_protocol`.
+
+        Args:
+            support_x: support inputs `[S, ...]`, as the training tasks' (dtype, device, size).
+            support_y: class indices 0..ways-1 `[S]` (each class with an example), or regression
+                targets.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no adapt_to yet")
+
+    def predict_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        """Each task's query predictions `[tasks, Q, ...]`, adapted on its support set (`adapt_to`);
+        the batch's `query_y` is not read."""
+        if self.adapts_with_gradients and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} adapts with gradients during predict, which inference mode "
+                "forbids: use Trainer(inference_mode=False) (`--trainer.inference_mode=false`; the "
+                "lightning-meta CLI sets it by default)"
+            )
+        return torch.stack([self.adapt_to(task.support_x, task.support_y)(task.query_x) for task in batch])
 
     def _gather(self, values: Tensor) -> Tensor:
         """All ranks' per-task values, concatenated (ranks may hold different counts)."""

@@ -8,11 +8,14 @@ which costs about a third less and loses little on Omniglot (paper §5.2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
+from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
 from lightning_meta.inner_loop import adapt, forward, named_params
 from lightning_meta.task import Params, Task
 
@@ -80,3 +83,12 @@ class MAML(MetaLearner):
             with torch.no_grad():
                 loss_before = supervised_loss(forward(self.backbone, trajectory[0], task.query_x), task.query_y)
         return TaskOutput(supervised_loss(predictions, task.query_y), predictions, loss_before)
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """`eval_inner_steps` inner steps on the support set; the predictor runs θK (`MetaLearner.adapt_to`)."""
+
+        def adapt() -> Callable[[Tensor], Tensor]:
+            adapted = detached(self.adapt(support_task(support_x, support_y), self.eval_inner_steps)[-1])
+            return lambda query_x: forward(self.backbone, adapted, query_x)
+
+        return adapted_predictor(self, support_x, support_y, adapt)

@@ -18,12 +18,15 @@ scores the last step alone, the weights of every earlier step would get exactly 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.algorithms.metasgd import rate_key
+from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
 from lightning_meta.inner_loop import adapt, forward, named_params
 from lightning_meta.task import Params, Task
 
@@ -172,3 +175,13 @@ class MAMLPlusPlus(MetaLearner):
                 predictions = forward(self.backbone, trajectory[k], task.query_x)
                 loss = loss + weights[k - 1] * supervised_loss(predictions, task.query_y)
         return TaskOutput(loss, predictions)
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """`eval_inner_steps` inner steps with the learned per-step rates; the predictor runs θK with
+        its step's BatchNorm weights (`MetaLearner.adapt_to`)."""
+
+        def adapt() -> Callable[[Tensor], Tensor]:
+            adapted = detached(self.adapt(support_task(support_x, support_y), self.eval_inner_steps)[-1])
+            return lambda query_x: forward(self.backbone, adapted, query_x)
+
+        return adapted_predictor(self, support_x, support_y, adapt)

@@ -21,6 +21,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, embedding_size, scores_by_class
+from lightning_meta.algorithms.predictor import Predictor, metric_predictor
 from lightning_meta.task import Task
 
 
@@ -102,10 +103,21 @@ class MatchingNetworks(MetaLearner):
         if not task.is_classification:
             raise TypeError("MatchingNetworks classifies: its tasks need integer class labels")
         n_support = task.support_x.shape[0]
-        embeddings = self.backbone(torch.cat([task.support_x, task.query_x])).flatten(1)
-        support, query = embeddings[:n_support], embeddings[n_support:]
+        embeddings = self.embed(torch.cat([task.support_x, task.query_x]))
+        ways = int(task.support_y.max()) + 1
+        log_probs = self.score(embeddings[:n_support], task.support_y, embeddings[n_support:], ways)
+        return TaskOutput(F.nll_loss(log_probs, task.query_y), log_probs)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Flat embeddings `[N, dim]` (before the full-context embeddings)."""
+        return self.backbone(x).flatten(1)
+
+    def score(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
+        """Class log-probabilities `[Q, ways]` by attention over the support set."""
         if self.context is not None:
             query, support = self.context(query, support)
-        ways = int(task.support_y.max()) + 1
-        log_probs = class_log_probabilities(cosine_similarities(query, support).log_softmax(-1), task.support_y, ways)
-        return TaskOutput(F.nll_loss(log_probs, task.query_y), log_probs)
+        return class_log_probabilities(cosine_similarities(query, support).log_softmax(-1), support_y, ways)
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """The support embeddings; the predictor attends over them (`MetaLearner.adapt_to`)."""
+        return metric_predictor(self, support_x, support_y, self.embed, self.score)

@@ -14,6 +14,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, supervised_loss
+from lightning_meta.algorithms.predictor import Predictor, metric_predictor
 from lightning_meta.task import Task
 
 
@@ -56,8 +57,20 @@ class ProtoNet(MetaLearner):
         n_support = task.support_x.shape[0]
         # One forward for support and query together, as in the paper's code: BatchNorm then
         # normalises over the whole episode.
-        embeddings = self.backbone(torch.cat([task.support_x, task.query_x])).flatten(1)
+        embeddings = self.embed(torch.cat([task.support_x, task.query_x]))
         ways = int(task.support_y.max()) + 1
-        centres = prototypes(embeddings[:n_support], task.support_y, ways)
-        logits = -squared_euclidean(embeddings[n_support:], centres)
+        logits = self.score(embeddings[:n_support], task.support_y, embeddings[n_support:], ways)
         return TaskOutput(supervised_loss(logits, task.query_y), logits)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Flat embeddings `[N, dim]`."""
+        return self.backbone(x).flatten(1)
+
+    def score(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
+        """Logits `[Q, ways]`: minus the squared distance of each query to each prototype."""
+        return -squared_euclidean(query, prototypes(support, support_y, ways))
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """The prototypes of the support set; the predictor scores queries against them
+        (`MetaLearner.adapt_to`)."""
+        return metric_predictor(self, support_x, support_y, self.embed, self.score)

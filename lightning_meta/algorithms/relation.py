@@ -20,6 +20,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput
+from lightning_meta.algorithms.predictor import Predictor, metric_predictor
 from lightning_meta.models.norm import query_groups
 from lightning_meta.task import Task
 
@@ -106,7 +107,15 @@ class RelationNetworks(MetaLearner):
         if not task.is_classification:
             raise TypeError("RelationNetworks classifies: its tasks need integer class labels")
         n_support = task.support_x.shape[0]
-        maps = self.backbone(torch.cat([task.support_x, task.query_x]))
+        maps = self.embed(torch.cat([task.support_x, task.query_x]))
+        ways = int(task.support_y.max()) + 1
+        scores = self.score(maps[:n_support], task.support_y, maps[n_support:], ways)
+        loss = F.mse_loss(scores, relation_targets(task.query_y, ways, scores.dtype))
+        return TaskOutput(loss, scores)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The backbone's feature maps `[N, C, H, W]`, checked against the relation module's input."""
+        maps = self.backbone(x)
         expected = (self.feature_channels, self.feature_size, self.feature_size)
         if maps.dim() != 4 or tuple(maps.shape[1:]) != expected:
             raise ValueError(
@@ -114,9 +123,11 @@ class RelationNetworks(MetaLearner):
                 f"{list(maps.shape)}: use Conv4(flatten=False, pooled_blocks=2) on 28×28 inputs, or set "
                 "model.init_args.feature_channels / feature_size to the backbone's maps"
             )
-        ways = int(task.support_y.max()) + 1
-        classes = class_feature_maps(maps[:n_support], task.support_y, ways)  # [ways, C, H, W]
-        queries = maps[n_support:]
+        return maps
+
+    def score(self, support: Tensor, support_y: Tensor, queries: Tensor, ways: int) -> Tensor:
+        """Relation scores `[Q, ways]` of every (query, class) pair."""
+        classes = class_feature_maps(support, support_y, ways)  # [ways, C, H, W]
         Q = queries.shape[0]
         pairs = torch.cat(
             [classes.unsqueeze(0).expand(Q, *classes.shape), queries.unsqueeze(1).expand(Q, ways, *queries.shape[1:])],
@@ -125,6 +136,13 @@ class RelationNetworks(MetaLearner):
         # The relation module's BatchNorm sees every (query, class) pair of the task: under the
         # per-example protocol each query's `ways` pairs are normalised among themselves instead.
         with query_groups(ways):
-            scores = self.relation(pairs.flatten(0, 1)).view(Q, ways)
-        loss = F.mse_loss(scores, relation_targets(task.query_y, ways, scores.dtype))
-        return TaskOutput(loss, scores)
+            return self.relation(pairs.flatten(0, 1)).view(Q, ways)
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """The support feature maps; the predictor scores queries against each class's
+        (`MetaLearner.adapt_to`)."""
+        return metric_predictor(self, support_x, support_y, self.embed, self.score)
+
+    def prediction_probabilities(self, predictions: Tensor) -> Tensor:
+        """Relation scores are not logits: normalised to sum to 1 over the classes."""
+        return predictions / predictions.sum(-1, keepdim=True).clamp_min(torch.finfo(predictions.dtype).tiny)

@@ -15,14 +15,15 @@ logs); only its gradient is the surrogate's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
+from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
 from lightning_meta.inner_loop import forward, named_params
 from lightning_meta.models.norm import own_statistics
 from lightning_meta.task import Params, Task
@@ -106,3 +107,13 @@ class Reptile(MetaLearner):
         surrogate = 0.5 * sum(((p - trajectory[-1][n]) ** 2).sum() for n, p in theta.items())
         # Value: the query loss after adaptation. Gradient: θ − θ̃, the Reptile direction.
         return TaskOutput(loss + surrogate - surrogate.detach(), predictions)
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """`eval_inner_steps` steps of the inner optimizer on the support set alone; the predictor
+        runs θk (`MetaLearner.adapt_to`)."""
+
+        def adapt() -> Callable[[Tensor], Tensor]:
+            adapted = detached(self.adapt(support_task(support_x, support_y), self.eval_inner_steps)[-1])
+            return lambda query_x: forward(self.backbone, adapted, query_x)
+
+        return adapted_predictor(self, support_x, support_y, adapt)

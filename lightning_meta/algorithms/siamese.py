@@ -24,6 +24,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, embedding_size, scores_by_class
+from lightning_meta.algorithms.predictor import Predictor, metric_predictor
 from lightning_meta.algorithms.protonet import squared_euclidean
 from lightning_meta.task import Task
 
@@ -111,7 +112,7 @@ class Siamese(MetaLearner):
         if not task.is_classification:
             raise TypeError("Siamese classifies: its tasks need integer class labels, not regression targets")
         n_support = task.support_x.shape[0]
-        embeddings = self.backbone(torch.cat([task.support_x, task.query_x])).flatten(1)
+        embeddings = self.embed(torch.cat([task.support_x, task.query_x]))
         scores = self.pair_scores(embeddings[n_support:], embeddings[:n_support])
         same = task.query_y.unsqueeze(1) == task.support_y.unsqueeze(0)
         if self.distance_head is None:
@@ -122,3 +123,15 @@ class Siamese(MetaLearner):
         ways = int(task.support_y.max()) + 1
         # −d² ranks support examples as d does: the best score per class is the nearest example.
         return TaskOutput(loss, best_match_per_class(scores, task.support_y, ways))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Flat embeddings `[N, dim]`."""
+        return self.backbone(x).flatten(1)
+
+    def score(self, support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
+        """`[Q, ways]`: each class's best-matching support example's pair score."""
+        return best_match_per_class(self.pair_scores(query, support), support_y, ways)
+
+    def adapt_to(self, support_x: Tensor, support_y: Tensor) -> Predictor:
+        """The support embeddings; the predictor matches queries against them (`MetaLearner.adapt_to`)."""
+        return metric_predictor(self, support_x, support_y, self.embed, self.score)

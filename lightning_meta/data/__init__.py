@@ -2,7 +2,14 @@
 
 from lightning_meta.data.augment import Augmentation
 from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, TensorClasses
-from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data.datamodule import (
+    EpisodicDataModule,
+    FewShotDataModule,
+    OmniglotDataModule,
+    SinusoidDataModule,
+)
+from lightning_meta.data.folders import DatasetClasses, ImageFolderClasses, class_folders
+from lightning_meta.data.images import ImageFormat
 from lightning_meta.data.lake import LakeOneShotDataModule, LakeRun, load_lake_runs
 from lightning_meta.data.noisy import LabelNoiseTasks, LinearRegressionTasks
 from lightning_meta.data.omniglot import OmniglotClasses, load_omniglot, omniglot_splits
@@ -13,9 +20,13 @@ __all__ = [
     "Augmentation",
     "ClassDataset",
     "CorruptedSinusoidTasks",
+    "DatasetClasses",
     "EpisodicDataModule",
+    "FewShotDataModule",
     "FewShotTasks",
     "FixedTaskSampler",
+    "ImageFolderClasses",
+    "ImageFormat",
     "LabelNoiseTasks",
     "LakeOneShotDataModule",
     "LakeRun",
@@ -28,6 +39,7 @@ __all__ = [
     "TaskSource",
     "TaskStream",
     "TensorClasses",
+    "class_folders",
     "load_lake_runs",
     "load_omniglot",
     "omniglot_splits",

@@ -16,7 +16,8 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from lightning_meta.data.augment import Augmentation
-from lightning_meta.data.base import FewShotTasks, TaskSource
+from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource
+from lightning_meta.data.images import ImageFormat
 from lightning_meta.data.noisy import LabelNoiseTasks
 from lightning_meta.data.omniglot import omniglot_splits
 from lightning_meta.data.sampler import TEST, TRAIN, VAL, FixedTaskSampler, MetaBatchSampler, TaskStream
@@ -329,3 +330,102 @@ class OmniglotDataModule(EpisodicDataModule):
         if self.label_noise:
             sources = {k: LabelNoiseTasks(v, self.label_noise, self.flip_rate) for k, v in sources.items()}
         return sources
+
+    def image_format(self) -> ImageFormat:
+        """How Omniglot's drawings are decoded (greyscale 28×28, ink high), for new images."""
+        return ImageFormat(28, 1, invert=True)
+
+
+class FewShotDataModule(EpisodicDataModule):
+    """N-way K-shot tasks from any class datasets chosen in YAML: a new dataset is a config file.
+
+    ```yaml
+    data:
+      class_path: lightning_meta.data.FewShotDataModule
+      init_args:
+        train: {class_path: lightning_meta.data.ImageFolderClasses, init_args: {root: my_images/train}}
+        val: {class_path: lightning_meta.data.ImageFolderClasses, init_args: {root: my_images/val}}
+        test: {class_path: lightning_meta.data.ImageFolderClasses, init_args: {root: my_images/test}}
+        ways: 5
+    ```
+
+    Args:
+        train: the training classes (any `ClassDataset`: `ImageFolderClasses`, `DatasetClasses`, ...).
+        val: the validation classes (none shared with `train`, so validation measures new classes).
+        test: the test classes.
+        ways: classes per validation/test task (N), and per training task unless `train_ways`.
+        shots: support examples per class (K).
+        query_shots: query examples per class in training tasks.
+        eval_query_shots: query examples per class in validation and test tasks (default:
+            `query_shots`).
+        train_ways: classes per training task when it differs from `ways`.
+        augment: per-image augmentation of training tasks (see `OmniglotDataModule`).
+        tasks_per_batch: see `EpisodicDataModule`.
+        batches_per_epoch: see `EpisodicDataModule`.
+        val_tasks: see `EpisodicDataModule`.
+        test_tasks: see `EpisodicDataModule`.
+        eval_tasks_per_batch: see `EpisodicDataModule`.
+        seed: see `EpisodicDataModule`.
+        eval_seed: see `EpisodicDataModule`.
+        num_workers: see `EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        train: ClassDataset,
+        val: ClassDataset,
+        test: ClassDataset,
+        ways: int = 5,
+        shots: int = 1,
+        query_shots: int = 15,
+        eval_query_shots: int | None = None,
+        train_ways: int | None = None,
+        augment: Augmentation | None = None,
+        tasks_per_batch: int = 4,
+        batches_per_epoch: int = 100,
+        val_tasks: int = 100,
+        test_tasks: int = 600,
+        eval_tasks_per_batch: int | None = None,
+        seed: int = 0,
+        eval_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            tasks_per_batch,
+            batches_per_epoch,
+            val_tasks,
+            test_tasks,
+            eval_tasks_per_batch,
+            seed,
+            eval_seed,
+            num_workers,
+        )
+        eval_query_shots = eval_query_shots or query_shots
+        check_positive(
+            ways=ways,
+            shots=shots,
+            query_shots=query_shots,
+            eval_query_shots=eval_query_shots,
+            train_ways=train_ways or ways,
+        )
+        self.classes = {"train": train, "val": val, "test": test}
+        self.ways, self.shots, self.train_ways = ways, shots, train_ways or ways
+        self.query_shots, self.eval_query_shots = query_shots, eval_query_shots
+        self.augment = augment
+
+    def build_sources(self) -> dict[str, TaskSource]:
+        return {
+            split: FewShotTasks(
+                classes,
+                self.train_ways if split == "train" else self.ways,
+                self.shots,
+                self.query_shots if split == "train" else self.eval_query_shots,
+                name=f"data.{split} ({type(classes).__name__})",
+                augment=split_augment(self.augment, split),
+            )
+            for split, classes in self.classes.items()
+        }
+
+    def image_format(self) -> ImageFormat | None:
+        """The training images' decoding, when the training classes are image files (for `predict`)."""
+        return getattr(self.classes["train"], "image_format", None)

@@ -15,24 +15,18 @@ Why this data and this protocol:
   seeded split of the same sizes is drawn, ignoring alphabets.
 
 The whole dataset is decoded once into a single uint8 tensor `[1623, 20, S, S]` (ink high),
-cached with `torch.save` under a key of the source files' names, sizes and modification times, so
-sampling an episode is tensor indexing and later runs load in well under a second.
+cached by the shared decode-once layer (`images.py`) under a key of the source files' names, sizes
+and modification times, so sampling an episode is tensor indexing and later runs load in well
+under a second. This file keeps only what is Omniglot's: its archives, layout, splits and rotations.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
-import io
-import json
 import logging
 import math
 import os
-import pickle
-import sys
-import tempfile
-import urllib.request
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -41,10 +35,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from lightning_meta.data.base import ClassDataset
+from lightning_meta.data.images import (
+    DATA_ENV,
+    cache_key,
+    decode_image,
+    decode_in_pool,
+    default_cache_dir,
+    default_workers,
+    download,
+    files_fingerprint,
+    is_uint8_images,
+    locate_data_root,
+    read_cache,
+    write_cache,
+)
 
 __all__ = [
     "OMNIGLOT_CHARACTERS",
@@ -61,9 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DATA_ENV = "LIGHTNING_META_DATA"
-CACHE_ENV = "LIGHTNING_META_CACHE"
 
 PARTS = ("images_background", "images_evaluation")
 """The two official archives, in the order their characters are stacked."""
@@ -118,51 +122,7 @@ def resolve_data_root(root: str | os.PathLike[str] | None = None) -> Path:
     return locate_data_root(root)[0]
 
 
-def locate_data_root(root: str | os.PathLike[str] | None) -> tuple[Path, str]:
-    """The data root, as `resolve_data_root`, and a phrase saying where it came from.
-
-    The phrase names the setting to change (`--data.root` or the environment variable), so an
-    error about a missing dataset can say how to fix it.
-    """
-    if root is not None and str(root) != "":
-        return Path(root).expanduser(), "the `root` argument (`--data.root`)"
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env).expanduser(), f"the environment variable {DATA_ENV}"
-    return Path("data"), f"the default `data` (neither `--data.root` nor {DATA_ENV} is set)"
-
-
-def default_cache_dir() -> Path:
-    """Where decoded datasets are cached: `LIGHTNING_META_CACHE`, else `~/.cache/lightning_meta`."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.cache/lightning_meta").expanduser()
-
-
 # ---------------------------------------------------------------------------------------- download
-
-
-def _download(url: str, dest: Path, md5: str | None, timeout: float) -> None:
-    """Fetch `url` into `dest` through a temporary file in the same folder; check `md5` if given."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if md5 is not None and digest.hexdigest() != md5:
-            raise RuntimeError(
-                f"the download of {url} has md5 {digest.hexdigest()}, expected {md5}: the file is damaged "
-                f"or has changed upstream; nothing was saved to {dest}. Try again, or fetch it by hand."
-            )
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def download_omniglot(
@@ -195,7 +155,7 @@ def download_omniglot(
         dest = base / f"{part}.zip"
         log.info("downloading %s to %s", url, dest)
         try:
-            _download(url, dest, md5, timeout)
+            download(url, dest, md5, timeout)
         except RuntimeError:
             raise
         except Exception as e:  # URLError, timeouts, a read-only folder, ...
@@ -209,7 +169,7 @@ def download_omniglot(
         try:
             for name in SPLIT_NAMES:
                 if not (split_dir / f"{name}.txt").is_file():
-                    _download(SPLIT_URL.format(name=name), split_dir / f"{name}.txt", None, timeout)
+                    download(SPLIT_URL.format(name=name), split_dir / f"{name}.txt", None, timeout)
         except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
             warnings.warn(
                 f"could not download the Vinyals split files from {SPLIT_URL.format(name='*')} into "
@@ -236,10 +196,7 @@ class _Source:
         if self.is_zip:
             st = self.path.stat()
             return [self.part, str(self.path.resolve()), st.st_size, st.st_mtime_ns]
-        files = []
-        for file in sorted(_folder_pngs(self.path)):
-            st = file.stat()
-            files.append([file.relative_to(self.path).as_posix(), st.st_size, st.st_mtime_ns])
+        files = files_fingerprint(self.path, sorted(_folder_pngs(self.path)))
         return [self.part, str(self.path.resolve()), files]
 
 
@@ -303,8 +260,7 @@ def _group_characters(source: _Source, members: list[str]) -> dict[str, list[str
 
 def decode_png(data: bytes, image_size: int) -> np.ndarray:
     """One drawing as uint8 `[S, S]`, ink high: greyscale first, then Lanczos, then inverted."""
-    image = Image.open(io.BytesIO(data)).convert("L").resize((image_size, image_size), Image.LANCZOS)
-    return 255 - np.asarray(image, dtype=np.uint8)
+    return decode_image(data, image_size, "L", invert=True)
 
 
 def _decode_chunk(job: tuple[str, bool, list[str], int]) -> np.ndarray:
@@ -325,101 +281,36 @@ def _decode_chunk(job: tuple[str, bool, list[str], int]) -> np.ndarray:
     return out
 
 
-def _default_workers() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 16))
-
-
 def _decode_all(jobs: list[tuple[str, bool, list[str], int]], num_workers: int) -> list[np.ndarray]:
     """Decode the jobs in order, in a process pool when it pays off."""
     total = sum(len(job[2]) for job in jobs)
-    if num_workers <= 1 or total < _MIN_IMAGES_FOR_POOL:
-        return [_decode_chunk(job) for job in jobs]
-    # fork starts workers instantly; spawn re-imports torch in each (seconds), still worth it.
-    import multiprocessing
-
-    method = "fork" if sys.platform == "linux" else "spawn"
-    try:
-        pool = multiprocessing.get_context(method).Pool(num_workers)
-    except (AssertionError, OSError, ValueError) as e:  # e.g. inside a daemonic DataLoader worker
-        log.info("decoding Omniglot without a process pool (%s)", e)
-        return [_decode_chunk(job) for job in jobs]
-    with pool:
-        return pool.map(_decode_chunk, jobs, chunksize=1)
+    return decode_in_pool(_decode_chunk, jobs, num_workers, total >= _MIN_IMAGES_FOR_POOL, "Omniglot")
 
 
 # ------------------------------------------------------------------------------------------- cache
 
 
 def _cache_key(sources: list[_Source], image_size: int) -> str:
-    desc = {"format": _CACHE_FORMAT, "image_size": image_size, "sources": [s.fingerprint() for s in sources]}
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
-
-
-_CACHE_READ_ERRORS = (
-    OSError,
-    EOFError,
-    RuntimeError,
-    ValueError,
-    KeyError,
-    TypeError,
-    pickle.UnpicklingError,
-)
-"""What a truncated, foreign or outdated cache file raises on loading."""
+    return cache_key({"format": _CACHE_FORMAT, "image_size": image_size, "sources": [s.fingerprint() for s in sources]})
 
 
 def _read_cache(path: Path, image_size: int) -> dict | None:
     """The cached payload, or None (with a warning) when it is unreadable or not what we wrote."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+
+    def valid(payload: dict) -> bool:
         images, names, parts = payload["images"], payload["names"], payload["parts"]
-        ok = (
+        return (
             payload.get("format") == _CACHE_FORMAT
-            and isinstance(images, Tensor)
-            and images.dtype == torch.uint8
-            and images.dim() == 4
+            and is_uint8_images(images, 4)
             and tuple(images.shape[2:]) == (image_size, image_size)
             and len(names) == len(parts) == images.shape[0]
         )
-        if not ok:
-            raise ValueError("unexpected contents")
-        return payload
-    except _CACHE_READ_ERRORS as e:
-        warnings.warn(f"ignoring the unreadable Omniglot cache {path} ({e}); decoding again", stacklevel=3)
-        return None
+
+    return read_cache(path, valid, "Omniglot")
 
 
 def _write_cache(path: Path, payload: dict) -> bool:
-    """Save atomically (temporary file in the same folder, then rename); warn and go on on failure."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared by a team
-        os.replace(tmp, path)
-        return True
-    except OSError as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        warnings.warn(
-            f"could not write the Omniglot cache {path} ({e}); the next run will decode again. Set "
-            f"{CACHE_ENV} to a writable folder.",
-            stacklevel=3,
-        )
-        return False
-    except BaseException:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
+    return write_cache(path, payload, "Omniglot")
 
 
 # -------------------------------------------------------------------------------------------- load
@@ -517,7 +408,7 @@ def load_omniglot(
     shape = (len(names), drawings[0], image_size, image_size)
     _check_counts(shape, names, parts, expected_characters, sources)
 
-    workers = _default_workers() if num_workers is None else num_workers
+    workers = default_workers() if num_workers is None else num_workers
     chunk = max(1, math.ceil(sum(len(j[2]) for j in jobs) / (max(workers, 1) * 4)))
     chunks = [
         (path, is_zip, members[i : i + chunk], image_size)

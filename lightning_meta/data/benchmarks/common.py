@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from lightning_meta.data.base import ClassDataset
-from lightning_meta.data.omniglot import CACHE_ENV, DATA_ENV, _download, default_cache_dir, locate_data_root
+from lightning_meta.data.images import CACHE_ENV, DATA_ENV, default_cache_dir, download, locate_data_root
 
 __all__ = [
     "SPLITS",
@@ -89,10 +89,10 @@ def md5_of(path: Path) -> str:
 def fetch(url: str, dest: Path, md5: str | None, what: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
     """Download `url` to `dest` (atomically, md5 checked) or raise an error naming both and the fix.
 
-    Uses Omniglot's download helper (`lightning_meta.data.omniglot._download`).
+    Uses the shared download helper (`lightning_meta.data.images.download`).
     """
     try:
-        _download(url, dest, md5, timeout)
+        download(url, dest, md5, timeout)
     except RuntimeError as e:  # the checksum did not match: the message names the URL and dest
         raise RuntimeError(f"{what}: {e}") from e
     except Exception as e:  # URLError, timeouts, a read-only folder, ...
