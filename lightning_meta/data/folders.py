@@ -3,14 +3,14 @@
 
 `ImageFolderClasses` reads `<root>/<class name>/*.png|jpg|...` (one folder per class, the most
 common way people keep their own images), decodes every image once with Pillow (greyscale or
-RGB, Lanczos resize) into one uint8 tensor and caches it as Omniglot is (`images.py`), so
-sampling a task is indexing and later runs start in seconds. `DatasetClasses` wraps any
+RGB, Lanczos resize) into one uint8 tensor and caches it as Omniglot and the benchmarks are
+(`images.py`; it is an `ImageClasses`, as the benchmarks' splits), so sampling a task is
+indexing and later runs start in seconds. `DatasetClasses` wraps any
 `torch.utils.data.Dataset` that yields `(x, label)`, grouping its indices by label.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,11 +22,11 @@ from torch.utils.data import Dataset
 from lightning_meta.data.base import ClassDataset
 from lightning_meta.data.images import (
     IMAGE_SUFFIXES,
+    ImageClasses,
     ImageFormat,
     cache_key,
-    decode_in_pool,
+    decode_files,
     default_cache_dir,
-    default_workers,
     files_fingerprint,
     image_files,
     is_uint8_images,
@@ -38,8 +38,6 @@ __all__ = ["DatasetClasses", "ImageFolderClasses", "class_folders"]
 
 _CACHE_FORMAT = 1
 """Bump when the decoding or the cache's contents change, so old caches are not read."""
-_MIN_IMAGES_FOR_POOL = 2000
-"""Below this many images a process pool costs more than it saves."""
 
 
 def class_folders(root: Path, what: str = "class folders") -> dict[str, list[Path]]:
@@ -72,18 +70,11 @@ def class_folders(root: Path, what: str = "class folders") -> dict[str, list[Pat
     return classes
 
 
-def _decode_files(job: tuple[list[str], ImageFormat]) -> np.ndarray:
-    """Decode some image files (runs in a worker process): uint8 `[n, C, S, S]`."""
-    paths, image_format = job
-    size = image_format.image_size
-    out = np.empty((len(paths), image_format.channels, size, size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        out[i] = image_format.read(Path(path))
-    return out
-
-
-class ImageFolderClasses(ClassDataset):
+class ImageFolderClasses(ImageClasses):
     """One class per subfolder of `root`, every image decoded once and cached as uint8.
+
+    An `ImageClasses` (as the benchmarks' splits) whose tensor is decoded, or read from the
+    cache, on first use, so building a DataModule from YAML reads no file.
 
     Args:
         root: the folder holding `<class name>/<image files>`.
@@ -110,18 +101,10 @@ class ImageFolderClasses(ClassDataset):
         self.root = Path(root).expanduser()
         self.image_format = ImageFormat(image_size, channels, invert)
         self.classes, self.cache_dir, self.num_workers = classes, cache_dir, num_workers
-        self._images: Tensor | None = None
+        self._images = None
         self.from_cache = False
 
-    @property
-    def images(self) -> Tensor:
-        """uint8 `[num_images, channels, S, S]`, class after class: decoded (or read from the
-        cache) on first use, so building a DataModule from YAML reads no file."""
-        if self._images is None:
-            self._images = self._load()
-        return self._images
-
-    def _load(self) -> Tensor:
+    def _load(self) -> None:
         found = class_folders(self.root)
         if self.classes is not None:
             missing = [c for c in self.classes if c not in found]
@@ -131,12 +114,9 @@ class ImageFolderClasses(ClassDataset):
                     f"{' ...' if len(found) > 10 else ''}): fix the names in `classes`"
                 )
             found = {c: found[c] for c in self.classes}
-        self.names = list(found)
         files = [f for fs in found.values() for f in fs]
-        counts = np.array([len(fs) for fs in found.values()], dtype=np.int64)
+        counts = torch.tensor([len(fs) for fs in found.values()], dtype=torch.long)
         self.files = [f.relative_to(self.root).as_posix() for f in files]
-        self._num_examples = counts
-        self.offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]))
         fmt = self.image_format
         description = {
             "format": _CACHE_FORMAT,
@@ -159,31 +139,10 @@ class ImageFolderClasses(ClassDataset):
         payload = read_cache(self.cache_path, valid, "image folder") if self.cache_path.is_file() else None
         self.from_cache = payload is not None
         if payload is None:
-            workers = default_workers() if self.num_workers is None else self.num_workers
-            chunk = max(1, math.ceil(len(files) / (max(workers, 1) * 4)))
-            jobs = [([str(f) for f in files[i : i + chunk]], fmt) for i in range(0, len(files), chunk)]
-            decoded = decode_in_pool(_decode_files, jobs, workers, len(files) >= _MIN_IMAGES_FOR_POOL, str(self.root))
-            images = torch.from_numpy(np.concatenate(decoded))
+            images = decode_files(files, fmt, self.num_workers, str(self.root))
             payload = {"format": _CACHE_FORMAT, "images": images, "files": self.files}
             write_cache(self.cache_path, payload, "image folder")
-        return payload["images"]
-
-    @property
-    def num_examples(self) -> np.ndarray:
-        """Images per class, `[num_classes]`."""
-        self.images  # noqa: B018 - loads on first use
-        return self._num_examples
-
-    def examples(self, class_ids: Tensor, example_ids: Tensor) -> Tensor:
-        """float32 `[C, E, channels, S, S]` in [0, 1]."""
-        images = self.images  # loads on first use, and with it the offsets
-        rows = self.offsets[torch.as_tensor(class_ids, dtype=torch.long)].unsqueeze(1)
-        return images[rows + torch.as_tensor(example_ids, dtype=torch.long)].to(torch.float32).div_(255.0)
-
-    def class_names(self) -> list[str]:
-        """The class folders' names, in class order."""
-        self.images  # noqa: B018 - loads on first use
-        return list(self.names)
+        self._hold(payload["images"], torch.cumsum(counts, 0) - counts, counts, list(found))
 
 
 def _as_tensor(x: object) -> Tensor:

@@ -1,11 +1,13 @@
 """The shared image layer: decode once with Pillow, cache as one uint8 tensor, read by indexing.
 
-Every image reader (Omniglot, `ImageFolderClasses`, the `predict` folders) goes through here, so
-they decode alike (mode first, then a Lanczos resize: Pillow resizes a 1-bit image
-nearest-neighbour whatever filter is asked) and cache alike: the decoded tensor is saved with
-`torch.save` under a key of the source files' names, sizes and modification times, written
-atomically, and a stale, truncated or foreign cache is ignored with a warning and decoded again.
-Decoding thousands of images runs in a process pool; a damaged file is named in the error.
+Every image reader (Omniglot, `ImageFolderClasses`, the `predict` folders, the benchmark readers
+of `lightning_meta.data.benchmarks`) goes through here, so they decode alike (mode first, then a
+Lanczos resize: Pillow resizes a 1-bit image nearest-neighbour whatever filter is asked) and
+cache alike: the decoded tensor is saved with `torch.save` under a key of the source files'
+names, sizes and modification times, written atomically, and a stale, truncated or foreign
+cache is ignored with a warning and decoded again (a large one may be memory-mapped). Decoding
+thousands of images runs in a process pool; a damaged file is named in the error. Classes held
+in one such tensor are an `ImageClasses`.
 """
 
 from __future__ import annotations
@@ -15,28 +17,34 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import sys
 import tempfile
 import urllib.request
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from lightning_meta.data.base import ClassDataset
 
 __all__ = [
     "CACHE_ENV",
     "DATA_ENV",
     "IMAGE_SUFFIXES",
+    "ImageClasses",
     "ImageFormat",
     "cache_key",
+    "decode_files",
     "decode_image",
     "decode_in_pool",
     "default_cache_dir",
@@ -47,6 +55,7 @@ __all__ = [
     "locate_data_root",
     "read_cache",
     "read_image_file",
+    "resize_uint8",
     "write_cache",
 ]
 
@@ -129,17 +138,29 @@ def image_files(folder: Path) -> list[Path]:
     )
 
 
-def read_image_file(path: Path, image_size: int, mode: str = "L", invert: bool = False) -> np.ndarray:
-    """`decode_image` of a file, as uint8 `[C, S, S]`; a file Pillow cannot read is named in a
-    ValueError with the fix."""
+def read_image_file(
+    path: Path | bytes, image_size: int, mode: str = "L", invert: bool = False, where: str = "an image's bytes"
+) -> np.ndarray:
+    """`decode_image` of a file (or of a file's bytes, e.g. held in a pickle), as uint8 `[C, S, S]`
+    (contiguous); an image Pillow cannot read is named in a ValueError with the fix (the path, else
+    `where`)."""
     try:
-        array = decode_image(path.read_bytes(), image_size, mode, invert)
+        array = decode_image(path if isinstance(path, bytes) else path.read_bytes(), image_size, mode, invert)
     except Exception as e:
         raise ValueError(
-            f"could not read {path} as an image ({type(e).__name__}: {e}): replace or remove the file "
-            f"(readable endings: {', '.join(IMAGE_SUFFIXES)})"
+            f"could not read {where if isinstance(path, bytes) else path} as an image ({type(e).__name__}: {e}): "
+            f"replace or remove the file (readable endings: {', '.join(IMAGE_SUFFIXES)})"
         ) from e
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def resize_uint8(images: Tensor, size: int) -> Tensor:
+    """uint8 `[N, C, h, w]` already decoded (e.g. arrays from a pickle) resized to `size` square
+    (bilinear, antialiased); unchanged if it already is."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def default_workers() -> int:
@@ -155,8 +176,14 @@ def decode_in_pool(fn: Callable[[T], R], jobs: Sequence[T], num_workers: int, us
     """`[fn(job) for job in jobs]`, in a process pool of `num_workers` when `use_pool` (the caller
     knows whether the job is big enough to pay for the pool's start). `fn` must be a module-level
     function (it is pickled); `what` names the data in a log line."""
+    return list(_map_in_pool(fn, jobs, num_workers, use_pool, what))
+
+
+def _map_in_pool(fn: Callable[[T], R], jobs: Sequence[T], num_workers: int, use_pool: bool, what: str) -> Iterator[R]:
+    """`decode_in_pool`, one result at a time, in order (so a caller can copy each away)."""
     if num_workers <= 1 or not use_pool:
-        return [fn(job) for job in jobs]
+        yield from map(fn, jobs)
+        return
     # fork starts workers instantly; spawn re-imports torch in each (seconds), still worth it.
     import multiprocessing
 
@@ -165,9 +192,43 @@ def decode_in_pool(fn: Callable[[T], R], jobs: Sequence[T], num_workers: int, us
         pool = multiprocessing.get_context(method).Pool(num_workers)
     except (AssertionError, OSError, ValueError) as e:  # e.g. inside a daemonic DataLoader worker
         log.info("decoding %s without a process pool (%s)", what, e)
-        return [fn(job) for job in jobs]
+        yield from map(fn, jobs)
+        return
     with pool:
-        return pool.map(fn, jobs, chunksize=1)
+        yield from pool.imap(fn, jobs, chunksize=1)
+
+
+_MIN_IMAGES_FOR_POOL = 2000
+"""Below this many images a process pool costs more than it saves."""
+
+
+def _decode_files(job: tuple[list[str], ImageFormat]) -> np.ndarray:
+    """Decode some image files (runs in a worker process): uint8 `[n, C, S, S]`."""
+    paths, image_format = job
+    size = image_format.image_size
+    out = np.empty((len(paths), image_format.channels, size, size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        out[i] = image_format.read(Path(path))
+    return out
+
+
+def decode_files(files: Sequence[Path], image_format: ImageFormat, num_workers: int | None, what: str) -> Tensor:
+    """Image files decoded as `image_format` says, in order: uint8 `[len(files), C, S, S]`.
+
+    In a process pool of `num_workers` (None: the usable CPUs) when there are thousands of files;
+    each chunk is copied into the result as it arrives, so no second copy of the whole is made.
+    A damaged file is named in a ValueError; `what` names the data in a log line.
+    """
+    size = image_format.image_size
+    out = torch.empty((len(files), image_format.channels, size, size), dtype=torch.uint8)
+    workers = default_workers() if num_workers is None else num_workers
+    chunk = max(1, math.ceil(len(files) / (max(workers, 1) * 4)))
+    jobs = [([str(f) for f in files[i : i + chunk]], image_format) for i in range(0, len(files), chunk)]
+    start = 0
+    for decoded in _map_in_pool(_decode_files, jobs, workers, len(files) >= _MIN_IMAGES_FOR_POOL, what):
+        out[start : start + len(decoded)] = torch.from_numpy(decoded)
+        start += len(decoded)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -178,12 +239,14 @@ def cache_key(description: Any) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def files_fingerprint(base: Path, files: Sequence[Path]) -> list:
-    """Names (relative to `base`), sizes and modification times: what a cache key depends on."""
+def files_fingerprint(base: Path | None, files: Sequence[Path]) -> list:
+    """Names (relative to `base`; absolute, links resolved, when None), sizes and modification
+    times: what a cache key depends on."""
     out = []
     for file in files:
         st = file.stat()
-        out.append([file.relative_to(base).as_posix(), st.st_size, st.st_mtime_ns])
+        name = file.resolve().as_posix() if base is None else file.relative_to(base).as_posix()
+        out.append([name, st.st_size, st.st_mtime_ns])
     return out
 
 
@@ -199,11 +262,12 @@ _CACHE_READ_ERRORS = (
 """What a truncated, foreign or outdated cache file raises on loading."""
 
 
-def read_cache(path: Path, valid: Callable[[dict], bool], what: str) -> dict | None:
+def read_cache(path: Path, valid: Callable[[dict], bool], what: str, mmap: bool = False) -> dict | None:
     """The cached payload, or None (with a warning naming `what`, e.g. "Omniglot") when it is
-    unreadable or `valid(payload)` is false."""
+    unreadable or `valid(payload)` is false. `mmap` maps the file's tensors instead of reading
+    them, so a large dataset is paged in as it is used."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         if not isinstance(payload, dict) or not valid(payload):
             raise ValueError("unexpected contents")
         return payload
@@ -276,3 +340,72 @@ class ImageFormat:
 def is_uint8_images(images: Any, dims: int) -> bool:
     """Whether `images` is a uint8 tensor of `dims` dimensions (a cache's sanity check)."""
     return isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == dims
+
+
+# ---------------------------------------------------------------------------------- class dataset
+
+
+class ImageClasses(ClassDataset):
+    """Classes of images held in one shared uint8 tensor in which each class is contiguous: every
+    decoded image reader's `ClassDataset` (the benchmarks' splits, `ImageFolderClasses`).
+
+    A task's examples are one indexing of the tensor, converted to float in [0, 1]. A subclass
+    that reads its tensor on first use (so building a DataModule from YAML reads no file) leaves
+    `__init__` out, sets `_images = None` and implements `_load`, which calls `_hold`.
+
+    Args:
+        images: uint8 `[N, C, H, W]`; shared, not copied.
+        starts: long `[num_classes]`: the index in `images` of each class's first image.
+        counts: long `[num_classes]`: images per class.
+        class_names: one name per class.
+    """
+
+    _images: Tensor | None = None
+
+    def __init__(self, images: Tensor, starts: Tensor, counts: Tensor, class_names: Sequence[str]) -> None:
+        self._hold(images, starts, counts, class_names)
+
+    def _hold(self, images: Tensor, starts: Tensor, counts: Tensor, class_names: Sequence[str]) -> None:
+        """Check and keep the tensor and the classes' places in it."""
+        if not is_uint8_images(images, 4):
+            raise ValueError(
+                f"images must be uint8 [N, C, H, W], got {getattr(images, 'dtype', type(images).__name__)} "
+                f"{tuple(getattr(images, 'shape', ()))}"
+            )
+        starts, counts = torch.as_tensor(starts, dtype=torch.long), torch.as_tensor(counts, dtype=torch.long)
+        if len(starts) != len(counts) or len(counts) != len(class_names):
+            raise ValueError(f"{len(starts)} starts, {len(counts)} counts and {len(class_names)} names differ")
+        if len(counts) and (int(counts.min()) < 1 or int((starts + counts).max()) > len(images)):
+            raise ValueError("every class needs at least one image, inside the image tensor")
+        self.starts, self.counts, self.names = starts, counts, list(class_names)
+        self._num_examples = counts.numpy().astype(np.int64)
+        self._images = images
+
+    def _load(self) -> None:
+        """Read the tensor (lazy subclasses): call `_hold`."""
+        raise NotImplementedError(f"{type(self).__name__} holds no images")
+
+    @property
+    def images(self) -> Tensor:
+        """uint8 `[N, C, H, W]`, class after class (read on first use by lazy subclasses)."""
+        if self._images is None:
+            self._load()
+        assert self._images is not None
+        return self._images
+
+    @property
+    def num_examples(self) -> np.ndarray:
+        """Images per class, `[num_classes]`."""
+        self.images  # noqa: B018 - loads on first use
+        return self._num_examples
+
+    def examples(self, class_ids: Tensor, example_ids: Tensor) -> Tensor:
+        """Images `example_ids[i, j]` of class `class_ids[i]`: float32 `[C, E, channels, H, W]` in [0, 1]."""
+        images = self.images  # loads on first use, and with it the starts
+        index = self.starts[torch.as_tensor(class_ids, dtype=torch.long)].unsqueeze(1)
+        return images[index + torch.as_tensor(example_ids, dtype=torch.long)].to(torch.float32).div_(255.0)
+
+    def class_names(self) -> list[str]:
+        """The classes' names, in class order."""
+        self.images  # noqa: B018 - loads on first use
+        return list(self.names)

@@ -21,18 +21,16 @@ import torch
 
 from lightning_meta.data.benchmarks.common import (
     BenchmarkData,
-    ImageClasses,
     check_class_counts,
     decode_cached,
     group_by_class,
     load_split_file,
     prepare_archive,
     read_pickle,
-    resize_uint8,
     root_hint,
     split_classes,
 )
-from lightning_meta.data.omniglot import locate_data_root
+from lightning_meta.data.images import ImageClasses, locate_data_root, resize_uint8
 
 __all__ = ["CIFAR_FS_CLASSES", "FC100_CLASSES", "cifar_fs_splits", "fc100_splits", "load_cifar100"]
 

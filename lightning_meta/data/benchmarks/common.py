@@ -1,25 +1,22 @@
-"""What the few-shot image benchmarks share: the decode-once cache, the class-indexed image
-dataset, archive checks and downloads, and the class-split files shipped with the package.
+"""What the few-shot image benchmarks share: the decode-once cache of a benchmark, its splits,
+archive checks and downloads, and the class-split files shipped with the package.
 
 Every benchmark is decoded once into one uint8 tensor `[N, 3, H, W]` (images sorted by class) and
-cached with `torch.save` under a key of its source files' names, sizes and modification times, as
-Omniglot is (`lightning_meta.data.omniglot`); later runs memory-map the cache, so sampling an
-episode is tensor indexing. The whole decode-and-cache step is one function, `decode_cached`, so
-it can be swapped for a shared image cache without touching the readers.
+cached with the shared image layer (`lightning_meta.data.images`: its decoding, cache key,
+atomic write and memory-mapped read, as Omniglot's and the image folders'); sampling an episode
+is tensor indexing into one `ImageClasses` per split. The whole decode-and-cache step of a
+reader is one function, `decode_cached`.
 
 Nothing here imports Lightning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import pickle
 import tarfile
-import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -27,32 +24,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
-from lightning_meta.data.base import ClassDataset
-from lightning_meta.data.images import CACHE_ENV, DATA_ENV, default_cache_dir, download, locate_data_root
+from lightning_meta.data.images import (
+    DATA_ENV,
+    ImageClasses,
+    cache_key,
+    default_cache_dir,
+    download,
+    files_fingerprint,
+    is_uint8_images,
+    locate_data_root,
+    read_cache,
+    write_cache,
+)
 
 __all__ = [
     "SPLITS",
     "BenchmarkData",
-    "ImageClasses",
     "decode_cached",
-    "decode_image",
     "fetch",
     "gdrive_url",
     "load_split_file",
     "md5_of",
     "prepare_archive",
-    "resize_uint8",
     "split_classes",
 ]
 
 SPLITS = ("train", "val", "test")
 DOWNLOAD_TIMEOUT_S = 10.0
-_CACHE_FORMAT = 1
-"""Bump when decoding or the cache's contents change, so old caches are not read."""
+_CACHE_FORMAT = 2
+"""Bump when decoding or the cache's contents change, so old caches are not read (2: the key of
+`images.cache_key`)."""
 
 
 def root_hint(folder: str) -> str:
@@ -160,34 +163,7 @@ def read_pickle(path: Path, encoding: str = "latin1") -> object:
         raise ValueError(f"{path} is not a readable pickle ({e}): the file is damaged; replace it") from e
 
 
-# ------------------------------------------------------------------------------------- decoding
-
-
-def resize_uint8(images: Tensor, size: int) -> Tensor:
-    """uint8 `[N, 3, h, w]` resized to `size` square (bilinear, antialiased); unchanged if it already is."""
-    if tuple(images.shape[-2:]) == (size, size):
-        return images
-    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def decode_image(source: str | os.PathLike[str] | bytes, size: int) -> np.ndarray:
-    """One encoded image (a path or the file's bytes) as uint8 `[3, size, size]`, RGB, Lanczos-resized.
-
-    Raises:
-        ValueError: the image cannot be decoded; the path is named.
-    """
-    import io
-
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.LANCZOS)
-            return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))  # a writable copy
-    except (OSError, SyntaxError, ValueError) as e:
-        where = "an image held in a pickle" if isinstance(source, bytes) else str(source)
-        raise ValueError(f"cannot decode {where} ({e}): the file is damaged; replace it") from e
+# ---------------------------------------------------------------------------------------- cache
 
 
 @dataclass(frozen=True)
@@ -212,14 +188,6 @@ class BenchmarkData:
     cache_path: Path | None
 
 
-def _fingerprint(sources: Sequence[Path], params: dict[str, object]) -> str:
-    h = hashlib.sha256(json.dumps({"format": _CACHE_FORMAT, **params}, sort_keys=True).encode())
-    for path in sources:
-        stat = path.stat()
-        h.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def decode_cached(
     name: str,
     sources: Sequence[Path],
@@ -229,10 +197,11 @@ def decode_cached(
 ) -> BenchmarkData:
     """Decode a benchmark once and cache it; later calls with the same sources read the cache.
 
-    The one place where a reader's decoded tensor is cached: the key is the sources' paths,
-    sizes and modification times with `params` (e.g. the image size); the file is written
-    atomically (a temporary file in the same folder, then a rename), so concurrent runs never
-    read half a cache; it is loaded memory-mapped, so a large benchmark is paged in as used.
+    The one place where a reader's decoded tensor is cached, with the shared cache of
+    `lightning_meta.data.images`: the key is the sources' paths, sizes and modification times
+    with `params` (e.g. the image size); the file is written atomically (`write_cache`), so
+    concurrent runs never read half a cache; it is loaded memory-mapped (`read_cache`), so a
+    large benchmark is paged in as used.
 
     Args:
         name: the cache file's prefix, e.g. "miniimagenet-84px".
@@ -243,21 +212,18 @@ def decode_cached(
         cache_dir: the cache's folder (default: `$LIGHTNING_META_CACHE`, else `~/.cache/lightning_meta`).
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = folder / f"{name}-{_fingerprint(sources, params)}.pt"
-    payload = None
-    if path.is_file():
-        try:
-            payload = torch.load(path, mmap=True, weights_only=True)
-            if payload.get("format") != _CACHE_FORMAT or payload["images"].dtype != torch.uint8:
-                raise ValueError("unexpected contents")
-        except Exception as e:  # a truncated or foreign file: decode again
-            warnings.warn(f"ignoring the unreadable cache {path} ({e}); decoding again", stacklevel=3)
-            payload = None
+    key = cache_key({"format": _CACHE_FORMAT, **params, "files": files_fingerprint(None, sources)})
+    path = folder / f"{name}-{key}.pt"
+
+    def valid(payload: dict) -> bool:
+        return payload.get("format") == _CACHE_FORMAT and is_uint8_images(payload["images"], 4)
+
+    payload = read_cache(path, valid, name, mmap=True) if path.is_file() else None
     from_cache = payload is not None
     written = True
     if payload is None:
         payload = {"format": _CACHE_FORMAT, **decode()}
-        written = _write_atomically(path, payload)
+        written = write_cache(path, payload, name)
     return BenchmarkData(
         payload["images"],
         torch.as_tensor(payload["counts"], dtype=torch.long),
@@ -268,35 +234,6 @@ def decode_cached(
     )
 
 
-def _write_atomically(path: Path, payload: dict[str, object]) -> bool:
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared by a team
-        os.replace(tmp, path)
-        return True
-    except OSError as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        warnings.warn(
-            f"could not write the cache {path} ({e}); the next run will decode again. Set {CACHE_ENV} to a "
-            "writable folder.",
-            stacklevel=3,
-        )
-        return False
-    except BaseException:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-
-
 def group_by_class(images: Tensor, labels: np.ndarray, num_classes: int) -> tuple[Tensor, Tensor]:
     """Images reordered so each class is contiguous (stable), and the count of each class."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -305,42 +242,7 @@ def group_by_class(images: Tensor, labels: np.ndarray, num_classes: int) -> tupl
     return images[torch.from_numpy(order)], torch.from_numpy(counts)
 
 
-# ---------------------------------------------------------------------------------- class dataset
-
-
-class ImageClasses(ClassDataset):
-    """Classes of RGB images over a shared uint8 tensor in which each class is contiguous.
-
-    Args:
-        images: uint8 `[N, 3, H, W]`; shared, not copied.
-        starts: long `[num_classes]`: the index in `images` of each class's first image.
-        counts: long `[num_classes]`: images per class.
-        class_names: one name per class.
-    """
-
-    def __init__(self, images: Tensor, starts: Tensor, counts: Tensor, class_names: Sequence[str]) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        starts, counts = torch.as_tensor(starts, dtype=torch.long), torch.as_tensor(counts, dtype=torch.long)
-        if len(starts) != len(counts) or len(counts) != len(class_names):
-            raise ValueError(f"{len(starts)} starts, {len(counts)} counts and {len(class_names)} names differ")
-        if len(counts) and (int(counts.min()) < 1 or int((starts + counts).max()) > len(images)):
-            raise ValueError("every class needs at least one image, inside the image tensor")
-        self.images, self.starts, self.counts = images, starts, counts
-        self.class_names = list(class_names)
-        self._num_examples = counts.numpy().astype(np.int64)
-
-    @property
-    def num_examples(self) -> np.ndarray:
-        """Images per class, shape `[num_classes]`."""
-        return self._num_examples
-
-    def examples(self, class_ids: Tensor, example_ids: Tensor) -> Tensor:
-        """Images `example_ids[i, j]` of class `class_ids[i]`: float32 `[C, E, 3, H, W]` in [0, 1]."""
-        class_ids = torch.as_tensor(class_ids, dtype=torch.long)
-        example_ids = torch.as_tensor(example_ids, dtype=torch.long)
-        index = self.starts[class_ids].unsqueeze(1) + example_ids
-        return self.images[index].to(torch.float32).div_(255.0)
+# ------------------------------------------------------------------------------------------ splits
 
 
 def split_classes(data: BenchmarkData, split_names: dict[str, Sequence[str]] | None = None) -> dict[str, ImageClasses]:

@@ -14,21 +14,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lightning_meta.data.benchmarks.common import (
     BenchmarkData,
-    ImageClasses,
     check_class_counts,
     decode_cached,
-    decode_image,
     load_split_file,
     prepare_archive,
     root_hint,
     split_classes,
 )
-from lightning_meta.data.omniglot import locate_data_root
+from lightning_meta.data.images import ImageClasses, ImageFormat, decode_files, locate_data_root
 
 __all__ = ["CUB_CLASSES", "cub_splits", "load_cub"]
 
@@ -45,14 +42,14 @@ EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def _decode(folder: Path, classes: list[str], image_size: int) -> dict[str, object]:
-    images, counts = [], []
+    files, counts = [], []
     for name in classes:
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in EXTENSIONS)
-        images += [decode_image(p, image_size) for p in files]
-        counts.append(len(files))
+        found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in EXTENSIONS)
+        files += found
+        counts.append(len(found))
     split_of = {c: s for s, names in load_split_file("cub").items() for c in names}
     return {
-        "images": torch.from_numpy(np.stack(images)),
+        "images": decode_files(files, ImageFormat(image_size), None, "CUB-200-2011"),
         "counts": torch.tensor(counts),
         "class_names": classes,
         "class_splits": [split_of[c] for c in classes],

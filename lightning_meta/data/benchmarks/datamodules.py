@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from lightning_meta.data.augment import Augmentation
 from lightning_meta.data.base import FewShotTasks, TaskSource
 from lightning_meta.data.benchmarks.cifar import cifar_fs_splits, fc100_splits
-from lightning_meta.data.benchmarks.common import ImageClasses
 from lightning_meta.data.benchmarks.cub import cub_splits
 from lightning_meta.data.benchmarks.miniimagenet import miniimagenet_splits
 from lightning_meta.data.benchmarks.tiered import tiered_imagenet_splits
 from lightning_meta.data.datamodule import EpisodicDataModule, check_positive, split_augment
+from lightning_meta.data.images import ImageClasses
 
 __all__ = [
     "CIFARFSDataModule",

@@ -31,18 +31,15 @@ import torch
 from lightning_meta.data.benchmarks.common import (
     SPLITS,
     BenchmarkData,
-    ImageClasses,
     check_class_counts,
     decode_cached,
-    decode_image,
     gdrive_url,
     prepare_archive,
     read_pickle,
-    resize_uint8,
     root_hint,
     split_classes,
 )
-from lightning_meta.data.omniglot import locate_data_root
+from lightning_meta.data.images import ImageClasses, ImageFormat, decode_files, locate_data_root, resize_uint8
 
 __all__ = ["MINIIMAGENET_CLASSES", "load_miniimagenet", "miniimagenet_splits"]
 
@@ -125,12 +122,8 @@ def _decode_csvs(base: Path, rows: dict[str, list[tuple[str, str]]], image_size:
             f"{len(missing)} images listed in {base}/*.csv are missing, e.g. {missing[0]}: put the mini-ImageNet "
             f"images in {base / 'images'}/ (or use the pickled cache: `--data.download true`)"
         )
-    # Filled one image at a time: no second copy of the decoded dataset.
-    images = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
-    for i, filename in enumerate(files):
-        images[i] = torch.from_numpy(decode_image(base / "images" / filename, image_size))
     return {
-        "images": images,
+        "images": decode_files([base / "images" / f for f in files], ImageFormat(image_size), None, "mini-ImageNet"),
         "counts": torch.tensor(counts),
         "class_names": names,
         "class_splits": splits,

@@ -29,18 +29,15 @@ from torch import Tensor
 from lightning_meta.data.benchmarks.common import (
     SPLITS,
     BenchmarkData,
-    ImageClasses,
     check_class_counts,
     decode_cached,
-    decode_image,
     gdrive_url,
     prepare_archive,
     read_pickle,
-    resize_uint8,
     root_hint,
     split_classes,
 )
-from lightning_meta.data.omniglot import locate_data_root
+from lightning_meta.data.images import ImageClasses, locate_data_root, read_image_file, resize_uint8
 
 __all__ = ["TIERED_CLASSES", "load_tiered_imagenet", "tiered_imagenet_splits"]
 
@@ -106,7 +103,8 @@ def _fill(out: Tensor, path: Path, order: np.ndarray, image_size: int) -> None:
     if len(encoded) != len(out):
         raise ValueError(f"{path} holds {len(encoded)} images, its labels {len(out)}")
     for i, k in enumerate(order.tolist()):
-        out[i] = torch.from_numpy(decode_image(bytes(np.asarray(encoded[k], dtype=np.uint8)), image_size))
+        data = bytes(np.asarray(encoded[k], dtype=np.uint8))
+        out[i] = torch.from_numpy(read_image_file(data, image_size, "RGB", where=f"image {k} of {path}"))
 
 
 def _decode(folder: Path, images: dict[str, Path], image_size: int) -> dict[str, object]:
