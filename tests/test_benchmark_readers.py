@@ -328,6 +328,28 @@ def test_a_changed_source_is_decoded_again(tmp_path):
     assert not again.from_cache and again.cache_path != first.cache_path
 
 
+def test_a_damaged_cache_is_ignored_with_a_warning_and_decoded_again(tmp_path):
+    make_cifar100(tmp_path / "data")
+    first = load_cifar100(tmp_path / "data", tmp_path / "cache")
+    first.cache_path.write_bytes(first.cache_path.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match=r"ignoring the unreadable cifar100-32px cache .*decoding again"):
+        again = load_cifar100(tmp_path / "data", tmp_path / "cache")
+    assert not again.from_cache and again.cache_path == first.cache_path
+    assert load_cifar100(tmp_path / "data", tmp_path / "cache").from_cache  # rewritten whole
+
+
+def test_a_damaged_image_in_a_pickle_is_named(tmp_path):
+    make_tiered(tmp_path / "data", counts=(351, 97, 160))
+    path = tmp_path / "data" / "tieredimagenet" / "tiered-imagenet" / "val_images_png.pkl"
+    with open(path, "rb") as f:
+        encoded = pickle.load(f)
+    encoded[7] = np.frombuffer(b"not a png", dtype=np.uint8)
+    with open(path, "wb") as f:
+        pickle.dump(encoded, f)
+    with pytest.raises(ValueError, match=rf"could not read image 7 of {re.escape(str(path))} as an image"):
+        load_tiered_imagenet(tmp_path / "data", tmp_path / "cache", image_size=SIZE)
+
+
 # ---------------------------------------------------------------------------- errors and downloads
 
 

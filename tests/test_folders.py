@@ -150,3 +150,27 @@ def test_the_example_config_fits_on_image_folders(tmp_path, monkeypatch):
     assert isinstance(cli.datamodule, FewShotDataModule) and cli.trainer.global_step == 2
     assert cli.datamodule.image_format().image_size == 28
     assert cli.trainer.callback_metrics["test/tasks"] == 2
+
+
+def test_folders_and_benchmarks_share_one_class_dataset_and_one_decoder(tmp_path, monkeypatch):
+    from lightning_meta.data import images
+    from lightning_meta.data.images import ImageClasses, ImageFormat, decode_files
+
+    root = make_folder(tmp_path / "imgs", {"a": 3, "b": 4})
+    classes = ImageFolderClasses(str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    assert isinstance(classes, ImageClasses) and classes.images.shape == (7, 3, 8, 8)
+    assert classes.starts.tolist() == [0, 3] and classes.counts.tolist() == [3, 4]
+    # The same tensor as an eager ImageClasses gives the same examples.
+    eager = ImageClasses(classes.images, classes.starts, classes.counts, classes.class_names())
+    ids, examples = torch.tensor([1, 0]), torch.tensor([[3, 0], [2, 1]])
+    assert torch.equal(eager.examples(ids, examples), classes.examples(ids, examples))
+    # Decoded in a process pool (forced below its size threshold), chunks arrive in order.
+    files = sorted(root.glob("*/*"))
+    monkeypatch.setattr(images, "_MIN_IMAGES_FOR_POOL", 1)
+    pooled = decode_files(files, ImageFormat(8), 2, "test images")
+    assert torch.equal(pooled, decode_files(files, ImageFormat(8), 0, "test images"))
+    assert torch.equal(pooled, classes.images)
+    with pytest.raises(ValueError, match=r"starts, .* counts and .* names differ"):
+        ImageClasses(classes.images, classes.starts, classes.counts, ["a"])
+    with pytest.raises(ValueError, match=r"must be uint8"):
+        ImageClasses(classes.images.float(), classes.starts, classes.counts, ["a", "b"])

@@ -351,7 +351,8 @@ class ImageClasses(ClassDataset):
 
     A task's examples are one indexing of the tensor, converted to float in [0, 1]. A subclass
     that reads its tensor on first use (so building a DataModule from YAML reads no file) leaves
-    `__init__` out, sets `_images = None` and implements `_load`, which calls `_hold`.
+    `__init__` out, sets `_images = None` and implements `_load`, which calls `_hold`; its
+    `starts`, `counts` and `names` exist once `images` has been read.
 
     Args:
         images: uint8 `[N, C, H, W]`; shared, not copied.
