@@ -9,11 +9,15 @@ import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.func import functional_call
 
+from lightning_meta.algorithms import MAML
 from lightning_meta.cli import run_cli
+from lightning_meta.data import SinusoidDataModule
 from lightning_meta.inner_loop import adapt, inner_gradients
+from lightning_meta.models import MLP
 from lightning_meta.update_rules import LearnedOptimizer, preprocess_gradients, truncated_unroll
 from tests.test_resume import SINUSOID_MAML, check_resume
 
@@ -135,6 +139,34 @@ def manual_unroll_from(loss, params, rule, state, first_step, steps):
         params, state = rule(params, inner_gradients(loss, params, first_order=True), state, step)
         losses.append(loss(params))
     return torch.stack(losses).mean(), params, state
+
+
+def test_a_checkpoint_restores_the_learned_optimizers_weights(tmp_path):
+    torch.manual_seed(0)
+    model = MAML(MLP(hidden_sizes=[8]), inner_steps=3, update_rule=LearnedOptimizer(hidden_size=4))
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        inference_mode=False,
+        default_root_dir=tmp_path,
+    )
+    data = SinusoidDataModule(tasks_per_batch=2)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    # Like the backbone, the rule is built by the caller (the CLI: from the config) and its
+    # weights come from the checkpoint.
+    restored = MAML.load_from_checkpoint(
+        tmp_path / "model.ckpt", backbone=MLP(hidden_sizes=[8]), update_rule=LearnedOptimizer(hidden_size=4)
+    )
+    for name, value in model.update_rule.state_dict().items():
+        assert torch.equal(restored.update_rule.state_dict()[name], value), name
+    batch = next(iter(data.val_dataloader()))
+    model.eval(), restored.eval()
+    torch.testing.assert_close(restored(batch).predictions, model(batch).predictions, rtol=0, atol=0)
 
 
 @pytest.mark.slow
