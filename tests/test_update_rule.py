@@ -102,3 +102,9 @@ def test_the_learned_optimizer_is_never_vmapped_and_says_why():
     for rule in (SGD(0.1), LearnedRates(), PerStepRates()):
         backbone = Conv4(hidden_channels=4, out_features=3, norm="plain_batch")
         assert vmap_blocker(MAML(backbone, update_rule=rule)) is None
+
+
+def test_auto_compilation_stays_with_the_measured_sgd_update():
+    backbone = MLP(hidden_sizes=[8])
+    assert MAML(backbone, first_order=True).compile_by_default
+    assert not MAML(backbone, first_order=True, update_rule=LearnedOptimizer(hidden_size=4)).compile_by_default

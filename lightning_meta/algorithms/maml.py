@@ -65,8 +65,10 @@ class MAML(MetaLearner):
     def compile_by_default(self) -> bool:
         """First order only: measured faster compiled (0.82-0.90× the eager step time on CPU, README
         "Compiling the backbone"), with float64 parity (`tests/test_compile.py`). Second order runs
-        its support forwards eagerly even when compiled, and that was not measured."""
-        return self.first_order
+        its support forwards eagerly even when compiled, and that was not measured. Measured and
+        proven with the SGD update only: with another rule (a learned optimizer's LSTM dominates the
+        step) "auto" stays eager."""
+        return self.first_order and type(self.update_rule) is SGD
 
     def adapt(self, task: Task, steps: int) -> list[Params]:
         """The inner-loop trajectory θ0..θK on `task`'s support set."""
