@@ -1,17 +1,16 @@
 """The functional inner loop shared by every gradient-based meta-learner.
 
-Adaptation is plain gradient descent on a parameter dict, never on the module itself: the
+Adaptation takes gradient steps on a parameter dict, never on the module itself: the
 module's parameters stay the meta-parameters θ0, and the adapted parameters θ1..θK are new
 tensors whose graph back to θ0 is kept (second order, MAML, Finn et al. 2017) or cut
-(`first_order=True`, FOMAML). The same function serves MAML (a float step size), Meta-SGD (a
-dict of learned per-parameter tensors, Li et al. 2017) and MAML++ (one step size per step,
-Antoniou et al. 2019), and returns the whole trajectory so multi-step losses need no second
-code path. Each of those steps is one `UpdateRule`, `(params, grads, state, step) -> (params,
-state)`: a rule may carry state across the inner steps (an LSTM's hidden state) and hold
-parameters of its own, which the outer optimizer trains like θ (`lightning_meta.update_rules`:
-SGD, Meta-SGD's `LearnedRates`, MAML++'s `PerStepRates`, the `LearnedOptimizer` of Andrychowicz
-et al. 2016). `first_order` only decides whether the inner gradients keep their graph; what the
-rule does with them is its own. Nothing here calls `.backward()` or mutates a module, so a per-task call is pure in
+(`first_order=True`, FOMAML). Each step is an `UpdateRule`, `(params, grads, state, step) ->
+(params, state)`: SGD with a float step size (MAML), learned per-entry rates (Meta-SGD, Li et al.
+2017), learned per-step rates (MAML++, Antoniou et al. 2019), a learned LSTM optimizer
+(Andrychowicz et al. 2016); the rules live in `lightning_meta.update_rules`. A rule may carry
+state across the inner steps (an LSTM's hidden state) and hold parameters of its own, which the
+outer optimizer trains like θ. `first_order` only decides whether the inner gradients keep their
+graph. `adapt` returns the whole trajectory, so multi-step losses need no second code path.
+Nothing here calls `.backward()` or mutates a module, so a per-task call is pure in
 (params, task) and can be vmapped over the tasks of a batch: inside `functional_gradients()`
 (which the task-parallel path of `MetaLearner` enters around `torch.func.vmap`) the inner
 gradients come from `torch.func.grad`, which vmap can batch, instead of `torch.autograd.grad`,
