@@ -1,12 +1,16 @@
 """The functional inner loop shared by every gradient-based meta-learner.
 
-Adaptation is plain gradient descent on a parameter dict, never on the module itself: the
+Adaptation takes gradient steps on a parameter dict, never on the module itself: the
 module's parameters stay the meta-parameters θ0, and the adapted parameters θ1..θK are new
 tensors whose graph back to θ0 is kept (second order, MAML, Finn et al. 2017) or cut
-(`first_order=True`, FOMAML). The same function serves MAML (a float step size), Meta-SGD (a
-dict of learned per-parameter tensors, Li et al. 2017) and MAML++ (one step size per step,
-Antoniou et al. 2019), and returns the whole trajectory so multi-step losses need no second
-code path. Nothing here calls `.backward()` or mutates a module, so a per-task call is pure in
+(`first_order=True`, FOMAML). Each step is an `UpdateRule`, `(params, grads, state, step) ->
+(params, state)`: SGD with a float step size (MAML), learned per-entry rates (Meta-SGD, Li et al.
+2017), learned per-step rates (MAML++, Antoniou et al. 2019), a learned LSTM optimizer
+(Andrychowicz et al. 2016); the rules live in `lightning_meta.update_rules`. A rule may carry
+state across the inner steps (an LSTM's hidden state) and hold parameters of its own, which the
+outer optimizer trains like θ. `first_order` only decides whether the inner gradients keep their
+graph. `adapt` returns the whole trajectory, so multi-step losses need no second code path.
+Nothing here calls `.backward()` or mutates a module, so a per-task call is pure in
 (params, task) and can be vmapped over the tasks of a batch: inside `functional_gradients()`
 (which the task-parallel path of `MetaLearner` enters around `torch.func.vmap`) the inner
 gradients come from `torch.func.grad`, which vmap can batch, instead of `torch.autograd.grad`,
@@ -26,7 +30,7 @@ import difflib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -150,14 +154,6 @@ def forward(module: nn.Module, params: Params, x: Tensor) -> Tensor:
     return functional_call(module, params, (x,), strict=False)
 
 
-def _step_size_for(step_size: StepSizes, step: int, steps: int) -> StepSize:
-    if isinstance(step_size, Sequence):
-        if len(step_size) != steps:
-            raise ValueError(f"got {len(step_size)} per-step step sizes for {steps} inner steps")
-        return step_size[step]
-    return step_size
-
-
 def sgd_step(params: Params, grads: Params, step_size: StepSize) -> Params:
     """θ - α ⊙ g, with α a scalar or a per-name entry (missing names are not updated)."""
     if isinstance(step_size, Mapping):
@@ -165,21 +161,72 @@ def sgd_step(params: Params, grads: Params, step_size: StepSize) -> Params:
     return {n: p - step_size * grads[n] for n, p in params.items()}
 
 
+class UpdateRule(nn.Module):
+    """One inner step: `rule(params, grads, state, step) -> (params, state)`.
+
+    A rule is an `nn.Module` so that its own parameters (learned rates, an LSTM's weights) live
+    in the learner's `state_dict` and reach the outer optimizer when the learner holds it as a
+    submodule (`learner.update_rule`). `state` is whatever the rule carries across the steps of
+    one task's adaptation (None for a stateless rule); `init_state` makes it from θ0 at the
+    start of every adaptation. The call must be a pure tensor function of its inputs for the
+    task-parallel (vmapped) path; a rule that is not proven equal to the loop under vmap says why
+    in `vmap_blocker`, and the learner then runs its tasks in a loop.
+    """
+
+    vmap_blocker: str | None = None
+    """Why this rule may not run under `torch.func.vmap`, or None if its loop/vmap parity is tested."""
+
+    def bind(self, params: Params) -> None:
+        """Make any per-tensor parameters for the tensors `params` names (called once by the
+        learner, with θ0, in its constructor). Default: nothing to make."""
+
+    def init_state(self, params: Params) -> Any:
+        """The state at the start of one task's adaptation from `params` (θ0). Default: None."""
+        return None
+
+    def forward(self, params: Params, grads: Params, state: Any, step: int) -> tuple[Params, Any]:
+        """θ_{k+1} and the next state from θ_k, ∇L(θ_k), the state and k (0-based)."""
+        raise NotImplementedError
+
+
+def as_update_rule(step_size: StepSizes | UpdateRule) -> UpdateRule:
+    """`step_size` itself if it is a rule, else plain SGD with that step size (a float, a dict
+    of per-parameter tensors, or one of those per step)."""
+    if isinstance(step_size, UpdateRule):
+        return step_size
+    from lightning_meta.update_rules.sgd import SGD  # update_rules builds on this module
+
+    return SGD(step_size)
+
+
+def update_step(
+    loss_fn: Callable[[Params], Tensor],
+    params: Params,
+    rule: UpdateRule,
+    state: Any,
+    step: int,
+    first_order: bool = False,
+) -> tuple[Params, Any]:
+    """One inner step of `rule` on `loss_fn` from `params`: (θ_{k+1}, next state)."""
+    with torch.enable_grad():
+        return rule(params, inner_gradients(loss_fn, params, first_order), state, step)
+
+
 def adapt(
     loss_fn: Callable[[Params], Tensor],
     params: Params,
     steps: int,
-    step_size: StepSizes,
+    step_size: StepSizes | UpdateRule,
     first_order: bool = False,
 ) -> list[Params]:
-    """Adapt `params` by `steps` steps of gradient descent on `loss_fn`; return θ0..θK.
+    """Adapt `params` by `steps` steps of an update rule on `loss_fn`; return θ0..θK.
 
     Args:
         loss_fn: the support loss as a function of the parameters being adapted.
         params: θ0, the parameters to adapt (typically the module's own, graph attached).
         steps: number of inner steps K (0 returns `[params]`).
-        step_size: α, a float or tensor, a dict of per-parameter tensors (Meta-SGD), or a
-            sequence with one of those per step (MAML++).
+        step_size: the update rule (`UpdateRule`), or SGD's α: a float or tensor, a dict of
+            per-parameter tensors, or a sequence with one of those per step.
         first_order: do not differentiate through the inner gradients (`create_graph=False`,
             or detached gradients under `functional_gradients`): the first-order approximation
             (FOMAML). Nothing else changes; use it also when no outer backward follows
@@ -190,12 +237,15 @@ def adapt(
     """
     if steps < 0:
         raise ValueError(f"inner steps={steps} must be >= 0")
+    rule = as_update_rule(step_size)
+    if isinstance(step_size, Sequence) and len(step_size) != steps:
+        raise ValueError(f"got {len(step_size)} per-step step sizes for {steps} inner steps")
     trajectory = [params]
     # Under torch.no_grad (e.g. a caller's evaluation loop) the inner loop would silently not
     # adapt; gradients are always needed here, the outer graph only when the caller has one.
     with torch.enable_grad():
+        state = rule.init_state(params)
         for step in range(steps):
-            current = trajectory[-1]
-            grads = inner_gradients(loss_fn, current, first_order)
-            trajectory.append(sgd_step(current, grads, _step_size_for(step_size, step, steps)))
+            current, state = update_step(loss_fn, trajectory[-1], rule, state, step, first_order)
+            trajectory.append(current)
     return trajectory

@@ -25,6 +25,7 @@ from lightning_meta.algorithms import (
     Siamese,
 )
 from lightning_meta.models import Conv4
+from lightning_meta.update_rules import LearnedOptimizer
 from tests.helpers import SyntheticClassesDataModule
 
 
@@ -49,6 +50,9 @@ ALGORITHMS = {
     "siamese": lambda: Siamese(Conv4(hidden_channels=8), loss="koch"),
     "siamese-contrastive": lambda: Siamese(Conv4(hidden_channels=8), loss="contrastive"),
     "matching": lambda: MatchingNetworks(Conv4(hidden_channels=8), fce=True, fce_steps=2),
+    "maml-learned-opt": lambda: MAML(
+        Conv4(hidden_channels=8, out_features=3), inner_steps=2, update_rule=LearnedOptimizer(hidden_size=4)
+    ),
     "cavia": lambda: CAVIA(Conv4(hidden_channels=8, out_features=3), context_size=4, condition="film", inner_steps=2),
     "relation": lambda: RelationNetworks(
         Conv4(hidden_channels=8, pooled_blocks=2, flatten=False), feature_channels=8, feature_size=7

@@ -70,7 +70,7 @@ def test_meta_sgd_rate_gradient_is_minus_support_gradient_times_query_gradient(f
     query = supervised_loss(forward(model.backbone, theta1, task.query_x), task.query_y)
     g1 = dict(zip(names, torch.autograd.grad(query, list(theta1.values())), strict=True))
     for n in names:
-        torch.testing.assert_close(grads[f"inner_lrs.{rate_key(n)}"], -g0[n] * g1[n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads[f"update_rule.rates.{rate_key(n)}"], -g0[n] * g1[n], rtol=1e-10, atol=1e-12)
 
 
 def test_meta_sgd_rates_are_per_entry_and_change_after_an_optimizer_step():
@@ -241,7 +241,7 @@ def test_mamlpp_every_per_step_batchnorm_weight_gets_a_gradient_in_every_phase(
         for step, copy in enumerate(grads[f"bn_per_step.{rate_key(n)}"], start=1):
             assert copy.abs().min() > 0, f"{phase}: step {step} {n}"
     for n, g in grads.items():
-        if n.startswith("inner_lrs."):
+        if n.startswith("update_rule.rates."):
             assert g.abs().min() > 0, f"{phase}: {n}"
 
 

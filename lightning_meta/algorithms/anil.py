@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached
-from lightning_meta.inner_loop import adapt, forward, named_params
+from lightning_meta.inner_loop import UpdateRule, adapt, forward, named_params
 from lightning_meta.models.norm import prepended_rows
 from lightning_meta.task import Params, Task
+from lightning_meta.update_rules import SGD
 
 
 def last_linear(module: nn.Module) -> str:
@@ -44,6 +45,8 @@ class ANIL(MetaLearner):
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps at validation and test (default: `inner_steps`).
         first_order: treat the head's inner gradients as constants.
+        update_rule: the head's inner update (`lightning_meta.update_rules`; default: SGD at
+            `inner_lr`, which is then unused), bound to the head's parameters.
         optimizer: the outer optimizer (default Adam, lr 1e-3).
         lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch.
     """
@@ -59,6 +62,7 @@ class ANIL(MetaLearner):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
+        update_rule: UpdateRule | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -69,6 +73,8 @@ class ANIL(MetaLearner):
             raise ValueError(f"model.init_args.head={self.head!r} has no parameters to adapt")
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.first_order = first_order
+        self.update_rule = SGD(inner_lr) if update_rule is None else update_rule
+        self.update_rule.bind(self.head_params(named_params(backbone)))
 
     @property
     def head_module(self) -> nn.Module:
@@ -111,7 +117,7 @@ class ANIL(MetaLearner):
             return supervised_loss(forward(self.head_module, params, support_features), support_y)
 
         first_order = self.first_order or not self.training
-        return adapt(support_loss, self.head_params(named_params(self.backbone)), steps, self.inner_lr, first_order)
+        return adapt(support_loss, self.head_params(named_params(self.backbone)), steps, self.update_rule, first_order)
 
     def adapt(self, task: Task, steps: int) -> list[Params]:
         """The trajectory θ0..θK as full backbone parameter dicts (only head entries change)."""

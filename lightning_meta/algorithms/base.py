@@ -241,7 +241,8 @@ class MetaLearner(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        # A learner's update rule is a module: its weights are in the state_dict, its choice in the config.
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "update_rule"])
         self.backbone = backbone
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler

@@ -25,10 +25,10 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
-from lightning_meta.algorithms.metasgd import rate_key
 from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
-from lightning_meta.inner_loop import adapt, forward, named_params
+from lightning_meta.inner_loop import UpdateRule, forward, named_params, update_step
 from lightning_meta.task import Params, Task
+from lightning_meta.update_rules.rates import PerStepRates, rate_key, rename_legacy_rates
 
 
 def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> Tensor:
@@ -64,6 +64,9 @@ class MAMLPlusPlus(MetaLearner):
             `multi_step_loss_epochs` (see the module docstring).
         per_step_bn: one set of BatchNorm weights and biases per inner step (BNWB); the
             backbone must have BatchNorm layers (any layer whose class name has "BatchNorm").
+        update_rule: the inner update of the adapted (non-BatchNorm) parameters (default:
+            `PerStepRates(inner_lr, inner_steps)`, LSLR; another rule replaces LSLR and keeps MSL,
+            DA and BNWB).
         optimizer: the outer optimizer (default Adam, lr 1e-3).
         lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch (the
             paper: cosine annealing).
@@ -81,6 +84,7 @@ class MAMLPlusPlus(MetaLearner):
         multi_step_loss_epochs: int = 10,
         first_order_epochs: int = 0,
         per_step_bn: bool = True,
+        update_rule: UpdateRule | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -115,18 +119,19 @@ class MAMLPlusPlus(MetaLearner):
             raise ValueError(f"per_step_bn=True but {type(backbone).__name__} has no BatchNorm weights: set it false")
         # LSLR: one rate per adapted tensor and step. BNWB: step 0 uses the backbone's own
         # BatchNorm weights, steps 1..K-1 these copies.
-        self.inner_lrs = nn.ParameterDict(
-            {
-                rate_key(n): nn.Parameter(torch.full((inner_steps,), inner_lr, dtype=p.dtype))
-                for n, p in params.items()
-                if n not in self.bn_names
-            }
-        )
+        self.update_rule = PerStepRates(inner_lr, inner_steps) if update_rule is None else update_rule
+        self.update_rule.bind({n: p for n, p in params.items() if n not in self.bn_names})
+        self._register_load_state_dict_pre_hook(rename_legacy_rates, with_module=True)
         self.bn_per_step = nn.ParameterDict(
             {rate_key(n): nn.Parameter(params[n].detach().repeat(inner_steps - 1, 1)) for n in self.bn_names}
             if inner_steps > 1
             else {}
         )
+
+    @property
+    def inner_lrs(self) -> nn.ParameterDict:
+        """LSLR's learned rates, `[inner_steps]` per adapted tensor, keyed by `rate_key`."""
+        return self.update_rule.rates
 
     def first_order_now(self) -> bool:
         """Derivative-order annealing: first order before `first_order_epochs`, and whenever evaluating."""
@@ -146,14 +151,17 @@ class MAMLPlusPlus(MetaLearner):
         step k's BatchNorm weights.
         """
         trajectory = [{n: p for n, p in named_params(self.backbone).items() if n not in self.bn_names}]
+        state = self.update_rule.init_state(trajectory[0])
         for step in range(steps):
             bn = self.bn_params(step)
 
             def support_loss(params: Params, bn: Params = bn) -> Tensor:
                 return supervised_loss(forward(self.backbone, {**params, **bn}, task.support_x), task.support_y)
 
-            rates = {n: self.inner_lrs[rate_key(n)][min(step, self.inner_steps - 1)] for n in trajectory[0]}
-            trajectory.append(adapt(support_loss, trajectory[-1], 1, rates, self.first_order_now())[1])
+            params, state = update_step(
+                support_loss, trajectory[-1], self.update_rule, state, step, self.first_order_now()
+            )
+            trajectory.append(params)
         return [{**params, **self.bn_params(max(k - 1, 0))} for k, params in enumerate(trajectory)]
 
     def task_loss(self, task: Task) -> TaskOutput:

@@ -16,17 +16,16 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
-from lightning_meta.inner_loop import adapt, forward, named_params
+from lightning_meta.inner_loop import UpdateRule, adapt, forward, named_params
 from lightning_meta.task import Params, Task
+from lightning_meta.update_rules.rates import LearnedRates, rate_key, rename_legacy_rates
 
-
-def rate_key(name: str) -> str:
-    """A parameter name as a `ParameterDict` key (module names may not contain dots)."""
-    return name.replace(".", "-")
+__all__ = ["MetaSGD", "rate_key"]
 
 
 class MetaSGD(MetaLearner):
-    """Meta-SGD: MAML with meta-learned per-parameter inner learning rates `inner_lrs`.
+    """Meta-SGD: MAML with meta-learned per-parameter inner learning rates (`inner_lrs`, held by
+    its update rule, `update_rules.LearnedRates`).
 
     Args:
         backbone: the network being meta-learned; for classification its output size is the
@@ -37,6 +36,8 @@ class MetaSGD(MetaLearner):
         eval_inner_steps: inner steps at validation and test (default: `inner_steps`); every
             step uses the same learned α.
         first_order: treat the inner gradients as constants (α still gets its gradient).
+        update_rule: the inner update (default: `LearnedRates(inner_lr_init)`, Meta-SGD's own;
+            another rule makes this MAML with that rule).
         optimizer: the outer optimizer, over θ and α together (default Adam, lr 1e-3).
         lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch.
     """
@@ -51,6 +52,7 @@ class MetaSGD(MetaLearner):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
+        update_rule: UpdateRule | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -60,12 +62,14 @@ class MetaSGD(MetaLearner):
         if not 0 < low <= high:
             raise ValueError(f"model.init_args.inner_lr_init={[low, high]} must be [low, high] with 0 < low <= high")
         self.inner_steps, self.eval_inner_steps, self.first_order = inner_steps, eval_inner_steps, first_order
-        self.inner_lrs = nn.ParameterDict(
-            {
-                rate_key(name): nn.Parameter(torch.empty_like(param).uniform_(low, high))
-                for name, param in named_params(backbone).items()
-            }
-        )
+        self.update_rule = LearnedRates((low, high)) if update_rule is None else update_rule
+        self.update_rule.bind(named_params(backbone))
+        self._register_load_state_dict_pre_hook(rename_legacy_rates, with_module=True)
+
+    @property
+    def inner_lrs(self) -> nn.ParameterDict:
+        """The learned rates α, one tensor per parameter of the backbone, keyed by `rate_key`."""
+        return self.update_rule.rates
 
     def adapt(self, task: Task, steps: int) -> list[Params]:
         """The inner-loop trajectory θ0..θK on `task`'s support set."""
@@ -73,10 +77,9 @@ class MetaSGD(MetaLearner):
         def support_loss(params: Params) -> torch.Tensor:
             return supervised_loss(forward(self.backbone, params, task.support_x), task.support_y)
 
-        params = named_params(self.backbone)
-        rates = {name: self.inner_lrs[rate_key(name)] for name in params}
         # Without an outer backward (evaluation) the second-order graph is dead weight.
-        return adapt(support_loss, params, steps, rates, self.first_order or not self.training)
+        first_order = self.first_order or not self.training
+        return adapt(support_loss, named_params(self.backbone), steps, self.update_rule, first_order)
 
     def task_loss(self, task: Task) -> TaskOutput:
         trajectory = self.adapt(task, self.inner_steps if self.training else self.eval_inner_steps)

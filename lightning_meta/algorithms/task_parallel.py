@@ -47,7 +47,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_meta.inner_loop import compiled_backbone, functional_gradients
+from lightning_meta.inner_loop import UpdateRule, compiled_backbone, functional_gradients
 from lightning_meta.models.conv4 import GlobalAvgPool
 from lightning_meta.models.norm import PlainBatchNorm2d
 from lightning_meta.models.resnet12 import DropBlock
@@ -119,6 +119,11 @@ def vmap_blocker(module: nn.Module) -> str | None:
                 f"{name} is DropBlock, whose random masks torch.func.vmap refuses to draw (randomness='error'; "
                 "the loop draws them per task): use the loop path, or drop_rate=0"
             )
+        # An update rule says itself whether its vmapped steps are proven equal to the loop's.
+        if isinstance(sub, UpdateRule):
+            if sub.vmap_blocker:
+                return f"{name}: {sub.vmap_blocker}"
+            continue
         # The algorithm's own containers (its class, ModuleDicts, ParameterDicts of learned rates)
         # compute nothing themselves: the algorithm's task_loss uses their tensors, and that is
         # what `supports_vmap` and the family's float64 loop/vmap parity tests vouch for.

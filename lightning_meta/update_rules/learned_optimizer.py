@@ -1,0 +1,135 @@
+"""A learned optimizer in the inner loop: "Learning to learn by gradient descent by gradient
+descent" (Andrychowicz, Denil, Gomez, Hoffman, Pfau, Schaul, Shillingford & de Freitas, NeurIPS
+2016).
+
+A small two-layer LSTM (20 hidden units) reads each coordinate's gradient and proposes that
+coordinate's step, θ ← θ + 0.01 · LSTM(∇). It is coordinate-wise: one set of LSTM weights shared
+by every coordinate of every parameter tensor, each coordinate with its own hidden state, so it
+applies to a learner of any size and its state is carried across the inner steps of one task.
+Gradients are preprocessed (paper, appendix A) into (log|g|/p, sign g) when |g| >= e^-p and
+(-1, e^p g) otherwise, p = 10, so that magnitudes spanning orders of magnitude reach the LSTM on
+a common scale. Its weights are meta-trained through the unrolled inner loop; long unrolls are
+cut into windows (`truncated_unroll`: the reference script unrolls 100 steps in windows of 20).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lightning_meta.inner_loop import UpdateRule, update_step
+from lightning_meta.task import Params
+
+LSTMState = tuple[tuple[Tensor, Tensor], ...]
+"""Per LSTM layer, (h, c), each `[coordinates, hidden_size]`."""
+
+
+def preprocess_gradients(grads: Tensor, p: float = 10.0) -> Tensor:
+    """`[n]` gradients to `[n, 2]` LSTM inputs: (log|g|/p, sign g) where |g| >= e^-p, else
+    (-1, e^p g) (Andrychowicz et al. 2016, appendix A)."""
+    large = grads.abs() >= math.exp(-p)
+    # The clamp keeps log's unused branch finite, so its (masked) gradient is 0, not NaN.
+    magnitude = torch.where(large, grads.abs().clamp_min(math.exp(-p)).log() / p, -torch.ones_like(grads))
+    direction = torch.where(large, torch.sign(grads), math.exp(p) * grads)
+    return torch.stack([magnitude, direction], dim=-1)
+
+
+class LearnedOptimizer(UpdateRule):
+    """A coordinate-wise LSTM optimizer whose weights the outer optimizer trains.
+
+    Args:
+        hidden_size: hidden units of each LSTM layer (the paper: 20).
+        layers: stacked LSTM layers (the paper: 2).
+        preprocess_p: p of the gradient preprocessing (the paper: 10).
+        output_scale: the LSTM's output times this is the step (the reference code: 0.01).
+    """
+
+    vmap_blocker = (
+        "its update_rule is a LearnedOptimizer, whose coordinate-wise LSTM over all parameters is not "
+        "covered by a float64 loop/vmap parity test"
+    )
+
+    def __init__(
+        self, hidden_size: int = 20, layers: int = 2, preprocess_p: float = 10.0, output_scale: float = 0.01
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or layers < 1 or not preprocess_p > 0:
+            raise ValueError(
+                f"LearnedOptimizer needs hidden_size >= 1, layers >= 1, preprocess_p > 0; got {hidden_size}, "
+                f"{layers}, {preprocess_p}"
+            )
+        self.hidden_size, self.preprocess_p, self.output_scale = hidden_size, preprocess_p, output_scale
+        self.cells = nn.ModuleList(nn.LSTMCell(2 if i == 0 else hidden_size, hidden_size) for i in range(layers))
+        self.output = nn.Linear(hidden_size, 1)
+
+    def init_state(self, params: Params) -> LSTMState:
+        """Zero hidden and cell states, one row per coordinate of `params`."""
+        ref = next(iter(params.values()))
+        zeros = ref.new_zeros(sum(p.numel() for p in params.values()), self.hidden_size)
+        return tuple((zeros, zeros) for _ in self.cells)
+
+    def forward(self, params: Params, grads: Params, state: LSTMState, step: int) -> tuple[Params, LSTMState]:
+        flat = torch.cat([grads[n].reshape(-1) for n in params])
+        x = preprocess_gradients(flat, self.preprocess_p).to(self.output.weight.dtype)
+        new_state = []
+        for cell, hc in zip(self.cells, state, strict=True):
+            h, c = cell(x, hc)
+            new_state.append((h, c))
+            x = h
+        update = self.output_scale * self.output(x).squeeze(-1)
+        sizes = [p.numel() for p in params.values()]
+        steps = dict(zip(params, update.split(sizes), strict=True))
+        return {n: p + steps[n].view_as(p) for n, p in params.items()}, tuple(new_state)
+
+
+def detached(value: object) -> object:
+    """`value` (a tensor, dict, tuple or list of them, nested) with every tensor detached."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: detached(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(detached(v) for v in value)
+    return value
+
+
+def truncated_unroll(
+    loss_fn: Callable[[Params], Tensor],
+    params: Params,
+    rule: UpdateRule,
+    steps: int,
+    window: int,
+    first_order: bool = True,
+) -> Iterator[tuple[Tensor, Params]]:
+    """Run `rule` for `steps` steps on `loss_fn`, cut into windows of `window` steps (truncated
+    back-propagation through time, as the reference training script: 100 steps in windows of 20).
+
+    Yields, per window, its meta-loss (the mean of `loss_fn` after each of its steps) and the
+    parameters at its end. Take the meta-gradient and step the outer optimizer between yields:
+    the next window starts from the parameters and rule state detached, so no graph reaches
+    back into an earlier window, and it runs with the rule's updated weights.
+
+    Args:
+        loss_fn: the optimizee's loss as a function of its parameters.
+        params: θ0 (detached from any graph).
+        rule: the update rule being meta-trained.
+        steps: the unroll length.
+        window: steps per truncation window; `window >= steps` back-propagates through it all.
+        first_order: drop second derivatives through the optimizee's gradients, as the paper
+            does (its Figure 2: no gradient along the dashed edges).
+    """
+    if steps < 1 or window < 1:
+        raise ValueError(f"truncated_unroll needs steps >= 1 and window >= 1, got {steps}, {window}")
+    params, state, done = detached(params), None, 0
+    state = rule.init_state(params)
+    while done < steps:
+        losses = []
+        for step in range(done, min(done + window, steps)):
+            params, state = update_step(loss_fn, params, rule, state, step, first_order)
+            losses.append(loss_fn(params))
+        done += len(losses)
+        yield torch.stack(losses).mean(), params
+        params, state = detached(params), detached(state)

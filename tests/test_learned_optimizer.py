@@ -1,0 +1,208 @@
+"""The learned LSTM optimizer (Andrychowicz et al. 2016): its gradient preprocessing, exact
+meta-gradients through the unroll (float64 gradcheck), truncated back-propagation, and MAML
+with it trained and resumed through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.func import functional_call
+
+from lightning_meta.algorithms import MAML
+from lightning_meta.cli import run_cli
+from lightning_meta.data import SinusoidDataModule
+from lightning_meta.inner_loop import adapt, inner_gradients
+from lightning_meta.models import MLP
+from lightning_meta.update_rules import LearnedOptimizer, preprocess_gradients, truncated_unroll
+from tests.test_resume import SINUSOID_MAML, check_resume
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_gradient_preprocessing_is_the_papers_formula(float64):
+    p = 10.0
+    g = torch.tensor([2.0, -0.5, 1e-3, math.exp(-p), -1e-6, 0.0])
+    expected = torch.tensor(
+        [
+            [math.log(2.0) / p, 1.0],
+            [math.log(0.5) / p, -1.0],
+            [math.log(1e-3) / p, 1.0],
+            [-1.0, 1.0],  # |g| = e^-p: the log branch, log(e^-p)/p = -1
+            [-1.0, -math.exp(p) * 1e-6],  # small: (-1, e^p g)
+            [-1.0, 0.0],
+        ]
+    )
+    torch.testing.assert_close(preprocess_gradients(g, p), expected, rtol=1e-14, atol=1e-14)
+    # Differentiable, with finite derivatives at g = 0 (second-order meta-gradients go through it).
+    g = torch.tensor([0.0, 1e-6, 3.0], requires_grad=True)
+    (grad,) = torch.autograd.grad(preprocess_gradients(g).sum(), g)
+    torch.testing.assert_close(grad, torch.tensor([math.exp(p), math.exp(p), 1 / (3.0 * p)]))
+
+
+def quadratic(seed: int = 0, dim: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(dim, dim, generator=g), torch.randn(dim, generator=g)
+    theta0 = {"theta": torch.randn(dim, generator=g)}
+
+    def loss(params):
+        return ((a @ params["theta"] - b) ** 2).sum()
+
+    return loss, theta0
+
+
+def test_meta_gradients_through_the_unroll_pass_gradcheck(float64):
+    torch.manual_seed(0)
+    rule = LearnedOptimizer(hidden_size=3, output_scale=0.3)
+    names = [n for n, _ in rule.named_parameters()]
+    loss, theta0 = quadratic()
+
+    def final_loss(*weights):
+        params, state = theta0, rule.init_state(theta0)
+        for step in range(3):  # second order: the support gradients keep their graph
+            grads = inner_gradients(loss, params, first_order=False)
+            params, state = functional_call(rule, dict(zip(names, weights, strict=True)), (params, grads, state, step))
+        return loss(params)
+
+    weights = tuple(p.detach().clone().requires_grad_() for p in rule.parameters())
+    assert torch.autograd.gradcheck(final_loss, weights, eps=1e-6, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(final_loss(*weights), weights)
+    assert all(g.abs().max() > 0 for g in grads), "every LSTM weight gets a meta-gradient"
+
+
+def manual_unroll(loss, params, rule, steps, state=None):
+    state = rule.init_state(params) if state is None else state
+    losses = []
+    for step in range(steps):
+        params, state = rule(params, inner_gradients(loss, params, first_order=True), state, step)
+        losses.append(loss(params))
+    return torch.stack(losses).mean(), params, state
+
+
+def test_one_window_covering_the_unroll_gives_the_full_unrolls_meta_gradient(float64):
+    torch.manual_seed(0)
+    rule = LearnedOptimizer(hidden_size=4, output_scale=0.1)
+    loss, theta0 = quadratic(dim=5)
+    windows = list(truncated_unroll(loss, theta0, rule, steps=6, window=6))
+    assert len(windows) == 1
+    trajectory = adapt(loss, theta0, 6, rule, first_order=True)
+    full = torch.stack([loss(p) for p in trajectory[1:]]).mean()
+    torch.testing.assert_close(windows[0][0], full, rtol=1e-13, atol=0)
+    got = torch.autograd.grad(windows[0][0], list(rule.parameters()))
+    want = torch.autograd.grad(full, list(rule.parameters()))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+def test_truncation_detaches_parameters_and_state_between_windows(float64):
+    torch.manual_seed(0)
+    rule = LearnedOptimizer(hidden_size=4, output_scale=0.1)
+    loss, theta0 = quadratic(dim=5)
+    (loss1, end1), (loss2, _) = truncated_unroll(loss, theta0, rule, steps=6, window=3)
+    # Nothing of window 2 reaches back into window 1.
+    assert torch.autograd.grad(loss2, [end1["theta"]], allow_unused=True) == (None,)
+    # Window 2's meta-gradient is that of a 3-step unroll from window 1's end, detached.
+    reference1, params, state = manual_unroll(loss, theta0, rule, 3)
+    torch.testing.assert_close(loss1, reference1, rtol=1e-13, atol=0)
+    params = {n: p.detach() for n, p in params.items()}
+    state = tuple((h.detach(), c.detach()) for h, c in state)
+    reference2, _, _ = manual_unroll_from(loss, params, rule, state, first_step=3, steps=3)
+    torch.testing.assert_close(loss2, reference2, rtol=1e-13, atol=0)
+    got = torch.autograd.grad(loss2, list(rule.parameters()))
+    want = torch.autograd.grad(reference2, list(rule.parameters()))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+    # ... and differs from the same three losses' gradient through the whole unroll, which
+    # truncation approximates (it drops their paths back into window 1).
+    trajectory = adapt(loss, theta0, 6, rule, first_order=True)
+    untruncated = torch.stack([loss(p) for p in trajectory[4:]]).mean()
+    torch.testing.assert_close(untruncated, loss2, rtol=1e-13, atol=0)  # same values, other graph
+    full = torch.autograd.grad(untruncated, list(rule.parameters()))
+    assert any(not torch.allclose(g, f) for g, f in zip(got, full, strict=True))
+
+
+def manual_unroll_from(loss, params, rule, state, first_step, steps):
+    losses = []
+    for step in range(first_step, first_step + steps):
+        params, state = rule(params, inner_gradients(loss, params, first_order=True), state, step)
+        losses.append(loss(params))
+    return torch.stack(losses).mean(), params, state
+
+
+def test_a_checkpoint_restores_the_learned_optimizers_weights(tmp_path):
+    torch.manual_seed(0)
+    model = MAML(MLP(hidden_sizes=[8]), inner_steps=3, update_rule=LearnedOptimizer(hidden_size=4))
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        inference_mode=False,
+        default_root_dir=tmp_path,
+    )
+    data = SinusoidDataModule(tasks_per_batch=2)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    # Like the backbone, the rule is built by the caller (the CLI: from the config) and its
+    # weights come from the checkpoint.
+    restored = MAML.load_from_checkpoint(
+        tmp_path / "model.ckpt", backbone=MLP(hidden_sizes=[8]), update_rule=LearnedOptimizer(hidden_size=4)
+    )
+    for name, value in model.update_rule.state_dict().items():
+        assert torch.equal(restored.update_rule.state_dict()[name], value), name
+    batch = next(iter(data.val_dataloader()))
+    model.eval(), restored.eval()
+    torch.testing.assert_close(restored(batch).predictions, model(batch).predictions, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_maml_with_the_learned_optimizer_trains_through_the_real_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cli = run_cli(
+        [
+            "fit",
+            "--config=configs/sinusoid/maml_learned_opt.yaml",
+            "--data.tasks_per_batch=4",
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3",
+            "--data.val_tasks=4",
+            "--data.test_tasks=4",
+            "--data.eval_tasks_per_batch=2",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    model = cli.model
+    assert isinstance(model.update_rule, LearnedOptimizer) and cli.trainer.global_step == 3
+    assert model.task_batcher.chosen == "loop"  # auto batching never tries vmap with it
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert math.isfinite(metrics["test/loss"]) and metrics["test/tasks"] == 4
+    checkpoint = torch.load(next(Path(tmp_path).rglob("*.ckpt")), weights_only=False)
+    saved = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("update_rule.")}
+    assert saved and all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+    print(json.dumps(metrics))
+
+
+@pytest.mark.slow
+def test_maml_with_the_learned_optimizer_resumes_exactly(tmp_path):
+    setup = [
+        *SINUSOID_MAML,
+        "--model.init_args.update_rule=lightning_meta.update_rules.LearnedOptimizer",
+        "--model.init_args.update_rule.init_args.hidden_size=4",
+    ]
+    check_resume(tmp_path, setup)
