@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached
 from lightning_meta.inner_loop import UpdateRule, adapt, forward, named_params
+from lightning_meta.losses.inner import InnerLoss
 from lightning_meta.models.norm import prepended_rows
 from lightning_meta.task import Params, Task
 from lightning_meta.update_rules import SGD
@@ -47,6 +48,10 @@ class ANIL(MetaLearner):
         first_order: treat the head's inner gradients as constants.
         update_rule: the head's inner update (`lightning_meta.update_rules`; default: SGD at
             `inner_lr`, which is then unused), bound to the head's parameters.
+        inner_loss: the support loss the inner loop descends, on the head's support features
+            (`lightning_meta.losses.inner`: `CandidateLoss`, `ML3Loss`, ...; default: the task's
+            own loss). One with parameters is meta-trained with θ; the query loss is always the
+            task's own.
         optimizer: the outer optimizer (default Adam, lr 1e-3).
         lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch.
     """
@@ -63,6 +68,7 @@ class ANIL(MetaLearner):
         eval_inner_steps: int | None = None,
         first_order: bool = False,
         update_rule: UpdateRule | None = None,
+        inner_loss: InnerLoss | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -74,6 +80,7 @@ class ANIL(MetaLearner):
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.first_order = first_order
         self.update_rule = SGD(inner_lr) if update_rule is None else update_rule
+        self.inner_loss = inner_loss
         self.update_rule.bind(self.head_params(named_params(backbone)))
 
     @property
@@ -113,9 +120,9 @@ class ANIL(MetaLearner):
     def adapt_head(self, support_features: Tensor, support_y: Tensor, steps: int) -> list[Params]:
         """The head's inner-loop trajectory on precomputed support features (names as in the head)."""
 
-        def support_loss(params: Params) -> Tensor:
-            return supervised_loss(forward(self.head_module, params, support_features), support_y)
-
+        # The inner loss sees the head's inputs: the support features (and no queries).
+        features_task = Task(support_features, support_y, support_features[:0], support_y[:0])
+        support_loss = self.support_loss_fn(features_task, lambda params, x: forward(self.head_module, params, x))
         first_order = self.first_order or not self.training
         return adapt(support_loss, self.head_params(named_params(self.backbone)), steps, self.update_rule, first_order)
 

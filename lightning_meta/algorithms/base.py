@@ -34,8 +34,9 @@ from torch import Tensor, nn
 
 from lightning_meta.algorithms import task_parallel
 from lightning_meta.algorithms.predictor import Predictor
+from lightning_meta.losses.inner import InnerLoss
 from lightning_meta.models.norm import support_statistics
-from lightning_meta.task import Task, TaskBatch
+from lightning_meta.task import Params, Task, TaskBatch
 
 PROTOCOLS = ("transductive", "per_example")
 """How queries are normalised: "transductive", BatchNorm on the statistics of the batch it is
@@ -242,8 +243,13 @@ class MetaLearner(pl.LightningModule):
     ) -> None:
         super().__init__()
         # A learner's update rule is a module: its weights are in the state_dict, its choice in the config.
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "update_rule"])
+        # So is its inner loss.
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "update_rule", "inner_loss"])
         self.backbone = backbone
+        # The inner loop's support loss (`lightning_meta.losses.inner`; None: the task's own), set
+        # by the learners that take one. An instance attribute, not a class one: a class
+        # attribute would shadow the submodule nn.Module keeps in `_modules`.
+        self.inner_loss: InnerLoss | None = None
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self._eval_outputs: list[dict[str, Tensor]] = []
@@ -251,6 +257,31 @@ class MetaLearner(pl.LightningModule):
         self._nonfinite_loss: float | None = None
         self._rng_to_restore: dict | None = None
         self.skipped_steps = 0
+
+    def support_loss_fn(
+        self, task: Task, predict_with: Callable[[Params, Tensor], Tensor], step: int | None = None
+    ) -> Callable[[Params], Tensor]:
+        """The support loss the inner loop descends, as a function of the parameters being adapted.
+
+        `predict_with(params, x)` runs the network under `params`. Without an `inner_loss` this is
+        the task's own loss on the support set, computed exactly as before inner losses existed.
+        With one, it is called with the inner step: `step` if given (a learner that runs its own
+        step loop, MAML++), else counted by the calls, as the inner loop evaluates the support loss
+        once per step (`inner_loop.adapt`).
+        """
+        inner_loss = self.inner_loss
+        if inner_loss is None:
+            return lambda params: supervised_loss(predict_with(params, task.support_x), task.support_y)
+        calls = [0]
+        # The query labels never reach an inner loss (the query inputs may: unlabelled terms).
+        unlabelled = Task(task.support_x, task.support_y, task.query_x, task.query_y[:0])
+
+        def loss(params: Params) -> Tensor:
+            k = calls[0] if step is None else step
+            calls[0] += 1
+            return inner_loss(params, unlabelled, lambda x: predict_with(params, x), k)
+
+        return loss
 
     @abstractmethod
     def task_loss(self, task: Task) -> TaskOutput:

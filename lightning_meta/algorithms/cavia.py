@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
 from lightning_meta.inner_loop import adapt, forward, named_params
+from lightning_meta.losses.inner import InnerLoss
 from lightning_meta.models.context import ContextConditioned
 from lightning_meta.task import Params, Task
 
@@ -42,6 +43,9 @@ class CAVIA(MetaLearner):
         inner_steps: inner steps during meta-training (CAVIA: 1 for sinusoid, 2 for miniImageNet).
         eval_inner_steps: inner steps at validation and test (default: `inner_steps`).
         first_order: treat φ's inner gradients as constants.
+        inner_loss: the support loss the inner loop descends (`lightning_meta.losses.inner`:
+            `CandidateLoss`, `ML3Loss`, ...; default: the task's own loss). One with parameters is
+            meta-trained with θ (φ alone is adapted on it); the query loss is always the task's own.
         optimizer: the outer optimizer (default Adam, lr 1e-3), over θ and the FiLM layer.
         lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch.
     """
@@ -59,6 +63,7 @@ class CAVIA(MetaLearner):
         inner_steps: int = 1,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
+        inner_loss: InnerLoss | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -68,6 +73,7 @@ class CAVIA(MetaLearner):
         eval_inner_steps = check_inner_loop_args(inner_lr, inner_steps, eval_inner_steps)
         self.inner_lr, self.inner_steps, self.eval_inner_steps = inner_lr, inner_steps, eval_inner_steps
         self.first_order = first_order
+        self.inner_loss = inner_loss
 
     def adapted_parameters(self) -> int:
         """How many numbers the inner loop adapts per task (φ's size)."""
@@ -77,9 +83,7 @@ class CAVIA(MetaLearner):
         """φ0..φK on `task`'s support set (each a `{"context": φ}` dict), θ fixed."""
         theta = named_params(self.backbone)
 
-        def support_loss(context: Params) -> torch.Tensor:
-            return supervised_loss(forward(self.backbone, {**theta, **context}, task.support_x), task.support_y)
-
+        support_loss = self.support_loss_fn(task, lambda context, x: forward(self.backbone, {**theta, **context}, x))
         # A fresh φ = 0 per task, in θ's dtype and device (a buffer follows the module's).
         phi0 = {"context": torch.zeros_like(self.backbone.context)}
         first_order = self.first_order or not self.training

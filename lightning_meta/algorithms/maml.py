@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
 from lightning_meta.inner_loop import UpdateRule, adapt, forward, named_params
+from lightning_meta.losses.inner import InnerLoss
 from lightning_meta.task import Params, Task
 from lightning_meta.update_rules import SGD
 
@@ -39,6 +40,9 @@ class MAML(MetaLearner):
         update_rule: the inner update (`lightning_meta.update_rules`; default: SGD at `inner_lr`,
             which is then unused). A rule with parameters of its own, e.g. a `LearnedOptimizer`,
             is meta-trained with θ.
+        inner_loss: the support loss the inner loop descends (`lightning_meta.losses.inner`:
+            `CandidateLoss`, `ML3Loss`, ...; default: the task's own loss). One with parameters is
+            meta-trained with θ; the query loss is always the task's own.
         optimizer: the outer optimizer (default Adam, lr 1e-3).
         lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch.
     """
@@ -54,6 +58,7 @@ class MAML(MetaLearner):
         eval_inner_steps: int | None = None,
         first_order: bool = False,
         update_rule: UpdateRule | None = None,
+        inner_loss: InnerLoss | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -63,6 +68,7 @@ class MAML(MetaLearner):
         self.first_order = first_order
         self.update_rule = SGD(inner_lr) if update_rule is None else update_rule
         self.update_rule.bind(named_params(backbone))
+        self.inner_loss = inner_loss
 
     @property
     def compile_by_default(self) -> bool:
@@ -76,9 +82,7 @@ class MAML(MetaLearner):
     def adapt(self, task: Task, steps: int) -> list[Params]:
         """The inner-loop trajectory θ0..θK on `task`'s support set."""
 
-        def support_loss(params: Params) -> torch.Tensor:
-            return supervised_loss(forward(self.backbone, params, task.support_x), task.support_y)
-
+        support_loss = self.support_loss_fn(task, lambda params, x: forward(self.backbone, params, x))
         # Without an outer backward (evaluation) the second-order graph is dead weight.
         first_order = self.first_order or not self.training
         return adapt(support_loss, named_params(self.backbone), steps, self.update_rule, first_order)

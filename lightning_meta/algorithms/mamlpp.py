@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
 from lightning_meta.inner_loop import UpdateRule, forward, named_params, update_step
+from lightning_meta.losses.inner import InnerLoss
 from lightning_meta.task import Params, Task
 from lightning_meta.update_rules.rates import PerStepRates, rate_key, rename_legacy_rates
 
@@ -67,6 +68,9 @@ class MAMLPlusPlus(MetaLearner):
         update_rule: the inner update of the adapted (non-BatchNorm) parameters (default:
             `PerStepRates(inner_lr, inner_steps)`, LSLR; another rule replaces LSLR and keeps MSL,
             DA and BNWB).
+        inner_loss: the support loss the inner loop descends (`lightning_meta.losses.inner`:
+            `CandidateLoss`, `ML3Loss`, ...; default: the task's own loss). One with parameters is
+            meta-trained with θ; the query loss is always the task's own.
         optimizer: the outer optimizer (default Adam, lr 1e-3).
         lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch (the
             paper: cosine annealing).
@@ -85,6 +89,7 @@ class MAMLPlusPlus(MetaLearner):
         first_order_epochs: int = 0,
         per_step_bn: bool = True,
         update_rule: UpdateRule | None = None,
+        inner_loss: InnerLoss | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -122,6 +127,7 @@ class MAMLPlusPlus(MetaLearner):
         self.update_rule = PerStepRates(inner_lr, inner_steps) if update_rule is None else update_rule
         self.update_rule.bind({n: p for n, p in params.items() if n not in self.bn_names})
         self._register_load_state_dict_pre_hook(rename_legacy_rates, with_module=True)
+        self.inner_loss = inner_loss
         self.bn_per_step = nn.ParameterDict(
             {rate_key(n): nn.Parameter(params[n].detach().repeat(inner_steps - 1, 1)) for n in self.bn_names}
             if inner_steps > 1
@@ -155,9 +161,9 @@ class MAMLPlusPlus(MetaLearner):
         for step in range(steps):
             bn = self.bn_params(step)
 
-            def support_loss(params: Params, bn: Params = bn) -> Tensor:
-                return supervised_loss(forward(self.backbone, {**params, **bn}, task.support_x), task.support_y)
-
+            support_loss = self.support_loss_fn(
+                task, lambda params, x, bn=bn: forward(self.backbone, {**params, **bn}, x), step=step
+            )
             params, state = update_step(
                 support_loss, trajectory[-1], self.update_rule, state, step, self.first_order_now()
             )

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, check_inner_loop_args, supervised_loss
 from lightning_meta.algorithms.predictor import Predictor, adapted_predictor, detached, support_task
 from lightning_meta.inner_loop import UpdateRule, adapt, forward, named_params
+from lightning_meta.losses.inner import InnerLoss
 from lightning_meta.task import Params, Task
 from lightning_meta.update_rules.rates import LearnedRates, rate_key, rename_legacy_rates
 
@@ -38,6 +39,9 @@ class MetaSGD(MetaLearner):
         first_order: treat the inner gradients as constants (α still gets its gradient).
         update_rule: the inner update (default: `LearnedRates(inner_lr_init)`, Meta-SGD's own;
             another rule makes this MAML with that rule).
+        inner_loss: the support loss the inner loop descends (`lightning_meta.losses.inner`:
+            `CandidateLoss`, `ML3Loss`, ...; default: the task's own loss). One with parameters is
+            meta-trained with θ; the query loss is always the task's own.
         optimizer: the outer optimizer, over θ and α together (default Adam, lr 1e-3).
         lr_scheduler: optional outer learning-rate schedule, stepped every meta-batch.
     """
@@ -53,6 +57,7 @@ class MetaSGD(MetaLearner):
         eval_inner_steps: int | None = None,
         first_order: bool = False,
         update_rule: UpdateRule | None = None,
+        inner_loss: InnerLoss | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -63,6 +68,7 @@ class MetaSGD(MetaLearner):
             raise ValueError(f"model.init_args.inner_lr_init={[low, high]} must be [low, high] with 0 < low <= high")
         self.inner_steps, self.eval_inner_steps, self.first_order = inner_steps, eval_inner_steps, first_order
         self.update_rule = LearnedRates((low, high)) if update_rule is None else update_rule
+        self.inner_loss = inner_loss
         self.update_rule.bind(named_params(backbone))
         self._register_load_state_dict_pre_hook(rename_legacy_rates, with_module=True)
 
@@ -74,9 +80,7 @@ class MetaSGD(MetaLearner):
     def adapt(self, task: Task, steps: int) -> list[Params]:
         """The inner-loop trajectory θ0..θK on `task`'s support set."""
 
-        def support_loss(params: Params) -> torch.Tensor:
-            return supervised_loss(forward(self.backbone, params, task.support_x), task.support_y)
-
+        support_loss = self.support_loss_fn(task, lambda params, x: forward(self.backbone, params, x))
         # Without an outer backward (evaluation) the second-order graph is dead weight.
         first_order = self.first_order or not self.training
         return adapt(support_loss, named_params(self.backbone), steps, self.update_rule, first_order)

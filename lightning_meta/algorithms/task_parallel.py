@@ -48,6 +48,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_meta.inner_loop import UpdateRule, compiled_backbone, functional_gradients
+from lightning_meta.losses.inner import InnerLoss
 from lightning_meta.models.conv4 import GlobalAvgPool
 from lightning_meta.models.norm import PlainBatchNorm2d
 from lightning_meta.models.resnet12 import DropBlock
@@ -108,7 +109,10 @@ PARAMETER_CONTAINERS: tuple[type[nn.Module], ...] = (nn.ParameterDict, nn.Parame
 
 def vmap_blocker(module: nn.Module) -> str | None:
     """Why the tasks cannot be vmapped over `module`'s layers, or None if they can."""
+    vouched: list[str] = []  # inner-loop components that answered for their whole subtree
     for name, sub in module.named_modules():
+        if any(name.startswith(prefix) for prefix in vouched):
+            continue
         if isinstance(sub, nn.modules.batchnorm._BatchNorm):
             return (
                 f"{name} is {type(sub).__name__}, whose second-order meta-gradients are wrong under "
@@ -119,10 +123,12 @@ def vmap_blocker(module: nn.Module) -> str | None:
                 f"{name} is DropBlock, whose random masks torch.func.vmap refuses to draw (randomness='error'; "
                 "the loop draws them per task): use the loop path, or drop_rate=0"
             )
-        # An update rule says itself whether its vmapped steps are proven equal to the loop's.
-        if isinstance(sub, UpdateRule):
+        # An update rule or an inner loss says itself whether its vmapped steps are proven equal to
+        # the loop's (its own layers are shared by every task, not per-task computations to vet).
+        if isinstance(sub, (UpdateRule, InnerLoss)):
             if sub.vmap_blocker:
                 return f"{name}: {sub.vmap_blocker}"
+            vouched.append(f"{name}.")
             continue
         # The algorithm's own containers (its class, ModuleDicts, ParameterDicts of learned rates)
         # compute nothing themselves: the algorithm's task_loss uses their tensors, and that is

@@ -1,8 +1,9 @@
 """Inner-loop losses (torch only): the candidate losses a selector chooses among per task.
 
 `CANDIDATES["classification"]` and `CANDIDATES["regression"]` map a name to a loss
-`(predictions, targets) -> scalar` (the mean over examples). The default inner loss of every
-algorithm is the task's own (`cross_entropy` / `mse`), unchanged.
+`(predictions, targets) -> scalar` (the mean over examples). `inner.py` makes the inner loss a
+component of the gradient-based learners (`inner_loss`): the task's own (`TaskLoss`, the
+default, unchanged numbers), a fixed candidate (`CandidateLoss`) or a learned one (`ML3Loss`).
 """
 
 from lightning_meta.losses.candidates import (
@@ -18,9 +19,14 @@ from lightning_meta.losses.candidates import (
     mse,
     mse_one_hot,
 )
+from lightning_meta.losses.inner import CandidateLoss, InnerLoss, ML3Loss, TaskLoss
 
 __all__ = [
     "CANDIDATES",
+    "CandidateLoss",
+    "InnerLoss",
+    "ML3Loss",
+    "TaskLoss",
     "cauchy",
     "cross_entropy",
     "focal",
