@@ -295,12 +295,20 @@ class MetaLearner(pl.LightningModule):
 
     def meta_loss(self, batch: TaskBatch, batching: str = "loop") -> tuple[Tensor, dict[str, Tensor]]:
         """The meta-loss (mean query loss over tasks) and per-task statistics (`[tasks]` each)."""
+        pop_choices = getattr(self.inner_loss, "pop_choices", None)
+        if pop_choices is not None:
+            pop_choices()  # choices of tasks run outside this call (e.g. `adapt_to`) are not this batch's
         out = self(batch, batching)
         stats = {"loss": out.loss.detach()}
         if batch.is_classification:
             stats["acc"] = (out.predictions.detach().argmax(-1) == batch.query_y).float().mean(-1)
         if out.loss_before is not None:
             stats["loss_before"] = out.loss_before.detach()
+        choices = pop_choices() if pop_choices is not None else None
+        if choices is not None and len(choices) == len(out.loss):
+            # The share of tasks whose inner loss was each candidate (a loss selector's choices).
+            for i, name in enumerate(self.inner_loss.candidates):
+                stats[f"choice/{name}"] = (choices == i).to(out.loss.dtype)
         return out.loss.mean(), stats
 
     def _check_vmap(self) -> str | None:
@@ -461,14 +469,25 @@ class MetaLearner(pl.LightningModule):
         key, protocol = ("training", self.train_protocol) if self.training else ("evaluation", self.eval_protocol)
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol.{key}={protocol!r} is not one of {PROTOCOLS}")
-        if protocol == "transductive":
-            return self.task_loss
+        task_loss = self.task_loss
+        if protocol == "per_example":
 
-        def per_example(task: Task) -> TaskOutput:
-            with support_statistics(self, self.backbone, task.support_x):
-                return self.task_loss(task)
+            def task_loss(task: Task) -> TaskOutput:
+                with support_statistics(self, self.backbone, task.support_x):
+                    return self.task_loss(task)
 
-        return per_example
+        after_task = getattr(self.inner_loss, "after_task", None)
+        if after_task is None:
+            return task_loss
+
+        # A loss selector learns from each task's query loss (its reward); what it returns (a
+        # REINFORCE surrogate: zero in value) joins that task's loss.
+        def with_feedback(task: Task) -> TaskOutput:
+            out = task_loss(task)
+            extra = after_task(out.loss, self.training)
+            return out if extra is None else out._replace(loss=out.loss + extra)
+
+        return with_feedback
 
     def _eval_step(self, batch: TaskBatch, stage: str) -> None:
         if self.adapts_with_gradients and torch.is_inference_mode_enabled():

@@ -20,12 +20,16 @@ from lightning_meta.losses.candidates import (
     mse_one_hot,
 )
 from lightning_meta.losses.inner import CandidateLoss, InnerLoss, ML3Loss, TaskLoss
+from lightning_meta.losses.selection import BanditLoss, MixtureLoss, PolicyLoss
 
 __all__ = [
     "CANDIDATES",
+    "BanditLoss",
     "CandidateLoss",
     "InnerLoss",
     "ML3Loss",
+    "MixtureLoss",
+    "PolicyLoss",
     "TaskLoss",
     "cauchy",
     "cross_entropy",

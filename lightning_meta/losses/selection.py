@@ -1,0 +1,277 @@
+"""Per-task loss selection (issue 15, point 4): pick the inner loss of each task among candidates.
+
+Three selectors, each an `InnerLoss` (so any gradient-based learner takes one as `inner_loss`):
+
+- `MixtureLoss`: the inner loss is Σ_c w_c·L_c with w = softmax(g(features)); the selector g is
+  trained by the meta-gradient through the inner loop (differentiable). At test: the argmax
+  candidate alone (default) or the mixture.
+- `PolicyLoss`: a discrete choice c ~ π(·|features), trained by REINFORCE on the reward
+  −(query loss after adaptation), with a running-mean baseline (the reinforcement-learning view
+  of loss selection). At test: the most probable candidate.
+- `BanditLoss`: UCB1 over the candidates, ignoring the task (the baseline method): the same
+  choice for every task, learned from the rewards.
+
+Task features, computed at θ0 on the support set (detached): for each candidate its loss and the
+norm of its gradient, and the spread of the task loss over the support examples (mean, median,
+max of the per-example losses), each through log1p. A corrupted support set shows up as a
+per-example loss whose max is far above its median and as candidates that disagree.
+
+A selector keeps its choice for the task across the task's inner steps (state in Python), so it
+runs on the loop path (`vmap_blocker`). After each task the learner calls `after_task(query_loss)`
+(the reward of the choice; `PolicyLoss` returns its REINFORCE surrogate, whose value is zero and
+whose gradient is the policy gradient, so logged losses are unchanged), and `pop_choices()` for
+the per-task choices the learner logs as `*/choice/<candidate>` (the share of tasks that chose it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lightning_meta.losses.candidates import CANDIDATES
+from lightning_meta.losses.inner import InnerLoss, Predict, task_kind
+from lightning_meta.task import Params, Task
+
+__all__ = ["BanditLoss", "MixtureLoss", "PolicyLoss", "combine", "task_features"]
+
+
+def per_example_task_loss(predictions: Tensor, targets: Tensor) -> Tensor:
+    """The task's own loss per support example: squared error (summed over outputs) or cross-entropy."""
+    if torch.is_floating_point(targets):
+        return (predictions - targets).pow(2).flatten(1).sum(-1)
+    return nn.functional.cross_entropy(predictions, targets, reduction="none")
+
+
+def task_features(params: Params, task: Task, predict: Predict, candidates: list[str], kind: str) -> Tensor:
+    """`[2·C + 3]` detached features of a task at `params` (θ0): each candidate's support loss and
+    gradient norm, and the mean, median and max of the per-example task loss, all through log1p."""
+    losses = CANDIDATES[kind]
+    predictions = predict(task.support_x)
+    values, norms = [], []
+    tensors = [p for p in params.values() if p.requires_grad]
+    for name in candidates:
+        loss = losses[name](predictions, task.support_y)
+        values.append(loss.detach())
+        if tensors:
+            grads = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
+            norms.append(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads if g is not None)))
+        else:
+            norms.append(torch.zeros((), dtype=predictions.dtype))
+    per_example = per_example_task_loss(predictions.detach(), task.support_y)
+    spread = torch.stack([per_example.mean(), per_example.median(), per_example.max()])
+    return torch.log1p(torch.cat([torch.stack(values), torch.stack(norms), spread]).clamp_min(0))
+
+
+def combine(weights: Tensor, predictions: Tensor, targets: Tensor, candidates: list[str], kind: str) -> Tensor:
+    """Σ_c weights[c]·L_c(predictions, targets); a zero weight's loss is not computed, so a one-hot
+    `weights` is exactly that candidate's loss."""
+    losses = CANDIDATES[kind]
+    total = None
+    for w, name in zip(weights, candidates, strict=True):
+        if not w.requires_grad and float(w) == 0.0:
+            continue
+        term = losses[name](predictions, targets)
+        term = term if (not w.requires_grad and float(w) == 1.0) else w * term
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("combine: every weight is zero")
+    return total
+
+
+class _Selector(InnerLoss):
+    """Candidates, their kind, the per-task choice kept across the inner steps, and the log."""
+
+    vmap_blocker = "a loss selector keeps its per-task choice across the inner steps in Python"
+
+    def __init__(self, candidates: list[str] | None, kind: str) -> None:
+        super().__init__()
+        if kind not in CANDIDATES:
+            raise ValueError(f"kind={kind!r} must be one of {sorted(CANDIDATES)}")
+        candidates = list(CANDIDATES[kind]) if candidates is None else list(candidates)
+        unknown = [c for c in candidates if c not in CANDIDATES[kind]]
+        if unknown or len(candidates) < 2:
+            raise ValueError(
+                f"candidates={candidates} must be at least two {kind} losses of {sorted(CANDIDATES[kind])}"
+                + (f" ({unknown} are not)" if unknown else "")
+            )
+        self.candidates, self.kind = candidates, kind
+        self._choices: list[int] = []
+
+    def _check_kind(self, task: Task) -> None:
+        kind = task_kind(task.support_y)
+        if kind != self.kind:
+            raise ValueError(f"this loss selector chooses among {self.kind} losses but the tasks are {kind}")
+
+    def pop_choices(self) -> Tensor | None:
+        """The index of the candidate each task since the last call chose (argmax of a mixture)."""
+        if not self._choices:
+            return None
+        choices, self._choices = torch.tensor(self._choices), []
+        return choices
+
+    def after_task(self, query_loss: Tensor, training: bool) -> Tensor | None:
+        """Called by the learner with the task's query loss after adaptation; a term to add to it."""
+        return None
+
+
+class _FeatureSelector(_Selector):
+    def __init__(self, candidates: list[str] | None, kind: str, hidden: int) -> None:
+        super().__init__(candidates, kind)
+        width = 2 * len(self.candidates) + 3
+        self.selector = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, len(self.candidates)))
+        # Start uniform: every candidate equally likely until the meta-gradient says otherwise.
+        nn.init.zeros_(self.selector[-1].weight)
+        nn.init.zeros_(self.selector[-1].bias)
+
+    def logits(self, params: Params, task: Task, predict: Predict) -> Tensor:
+        features = task_features(params, task, predict, self.candidates, self.kind)
+        return self.selector(features.to(self.selector[0].weight.dtype))
+
+
+class MixtureLoss(_FeatureSelector):
+    """Σ_c softmax(g(features))_c · L_c, g trained through the inner loop by the meta-gradient.
+
+    Args:
+        candidates: candidate names of `CANDIDATES[kind]` (default: all of that kind).
+        kind: "regression" or "classification".
+        hidden: width of the selector's hidden layer.
+        eval_choice: at validation and test, "argmax" (the most weighted candidate alone) or
+            "mixture".
+    """
+
+    def __init__(
+        self,
+        candidates: list[str] | None = None,
+        kind: str = "regression",
+        hidden: int = 32,
+        eval_choice: str = "argmax",
+    ) -> None:
+        super().__init__(candidates, kind, hidden)
+        if eval_choice not in ("argmax", "mixture"):
+            raise ValueError(f"eval_choice={eval_choice!r} must be 'argmax' or 'mixture'")
+        self.eval_choice = eval_choice
+        self._weights: Tensor | None = None
+
+    def weights(self, params: Params, task: Task, predict: Predict) -> Tensor:
+        """The candidates' weights for this task (sum to 1)."""
+        w = torch.softmax(self.logits(params, task, predict), dim=-1)
+        if not self.training and self.eval_choice == "argmax":
+            w = nn.functional.one_hot(w.argmax(), len(self.candidates)).to(w.dtype)
+        return w
+
+    def forward(self, params: Params, task: Task, predict: Predict, step: int) -> Tensor:
+        self._check_kind(task)
+        if step == 0 or self._weights is None:
+            self._weights = self.weights(params, task, predict)
+            self._choices.append(int(self._weights.detach().argmax()))
+        return combine(self._weights, predict(task.support_x), task.support_y, self.candidates, self.kind)
+
+
+class PolicyLoss(_FeatureSelector):
+    """A discrete per-task choice c ~ π(·|features) trained by REINFORCE.
+
+    The reward of a choice is −(the task's query loss after adapting with it); the advantage is
+    the reward minus a running mean of the rewards (`baseline_momentum`). The surrogate added to
+    the task's loss is −advantage·(log π(c) − log π(c).detach()) − entropy_coef·(H − H.detach()):
+    zero in value, the policy gradient (plus an entropy bonus) in gradient.
+
+    Args:
+        candidates: candidate names (default: all of `kind`).
+        kind: "regression" or "classification".
+        hidden: width of the policy's hidden layer.
+        baseline_momentum: the running-mean baseline's momentum.
+        entropy_coef: weight of the entropy bonus.
+    """
+
+    def __init__(
+        self,
+        candidates: list[str] | None = None,
+        kind: str = "regression",
+        hidden: int = 32,
+        baseline_momentum: float = 0.9,
+        entropy_coef: float = 0.0,
+    ) -> None:
+        super().__init__(candidates, kind, hidden)
+        if not 0 <= baseline_momentum < 1:
+            raise ValueError(f"baseline_momentum={baseline_momentum} must be in [0, 1)")
+        self.baseline_momentum, self.entropy_coef = baseline_momentum, entropy_coef
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("baseline_ready", torch.zeros((), dtype=torch.bool))
+        self._choice: int | None = None
+        self._log_prob: Tensor | None = None
+        self._entropy: Tensor | None = None
+
+    def forward(self, params: Params, task: Task, predict: Predict, step: int) -> Tensor:
+        self._check_kind(task)
+        if step == 0 or self._choice is None:
+            logits = self.logits(params, task, predict)
+            dist = torch.distributions.Categorical(logits=logits)
+            choice = dist.sample() if self.training else logits.argmax()
+            self._choice, self._log_prob, self._entropy = int(choice), dist.log_prob(choice), dist.entropy()
+            self._choices.append(self._choice)
+        return CANDIDATES[self.kind][self.candidates[self._choice]](predict(task.support_x), task.support_y)
+
+    def after_task(self, query_loss: Tensor, training: bool) -> Tensor | None:
+        log_prob, entropy = self._log_prob, self._entropy
+        self._choice = self._log_prob = self._entropy = None
+        if not training or log_prob is None:
+            return None
+        reward = -query_loss.detach().to(self.baseline.dtype)
+        if not bool(self.baseline_ready):
+            self.baseline.copy_(reward)
+            self.baseline_ready.fill_(True)
+        advantage = reward - self.baseline
+        self.baseline.mul_(self.baseline_momentum).add_((1 - self.baseline_momentum) * reward)
+        surrogate = -advantage * (log_prob - log_prob.detach())
+        if self.entropy_coef:
+            surrogate = surrogate - self.entropy_coef * (entropy - entropy.detach())
+        return surrogate.to(query_loss.dtype)
+
+
+class BanditLoss(_Selector):
+    """UCB1 over the candidates, the same for every task (the baseline for the per-task selectors).
+
+    In training each task takes the candidate with the highest mean reward + c·sqrt(2·ln t / n)
+    (every candidate once first); the reward is −(query loss after adaptation). At test: the
+    candidate with the best mean reward.
+
+    Args:
+        candidates: candidate names (default: all of `kind`).
+        kind: "regression" or "classification".
+        exploration: c, the exploration bonus's scale (in units of the reward).
+    """
+
+    def __init__(self, candidates: list[str] | None = None, kind: str = "regression", exploration: float = 1.0) -> None:
+        super().__init__(candidates, kind)
+        if exploration < 0:
+            raise ValueError(f"exploration={exploration} must be >= 0")
+        self.exploration = exploration
+        self.register_buffer("pulls", torch.zeros(len(self.candidates), dtype=torch.float64))
+        self.register_buffer("reward_sum", torch.zeros(len(self.candidates), dtype=torch.float64))
+        self._choice: int | None = None
+
+    def choose(self) -> int:
+        untried = (self.pulls == 0).nonzero()
+        if self.training and len(untried):
+            return int(untried[0])
+        means = self.reward_sum / self.pulls.clamp_min(1)
+        if not self.training:
+            return int(means.argmax())
+        bonus = self.exploration * torch.sqrt(2 * math.log(float(self.pulls.sum())) / self.pulls)
+        return int((means + bonus).argmax())
+
+    def forward(self, params: Params, task: Task, predict: Predict, step: int) -> Tensor:
+        self._check_kind(task)
+        if step == 0 or self._choice is None:
+            self._choice = self.choose()
+            self._choices.append(self._choice)
+        return CANDIDATES[self.kind][self.candidates[self._choice]](predict(task.support_x), task.support_y)
+
+    def after_task(self, query_loss: Tensor, training: bool) -> Tensor | None:
+        choice, self._choice = self._choice, None
+        if training and choice is not None:
+            self.pulls[choice] += 1
+            self.reward_sum[choice] += -float(query_loss.detach())
+        return None
