@@ -89,7 +89,12 @@ def query_mse(model, tasks: list, steps: int) -> tuple[torch.Tensor, list[int] |
 
 
 def cell(values: torch.Tensor) -> str:
-    mean, ci = mean_and_ci95(values)
+    """Mean ± 95% CI; where adaptation blew up (non-finite MSE or above 1e3: MSE's gradient on an
+    outlier of scale ~1e3 throws the fit away), how many tasks, and the mean over the rest."""
+    diverged = ~torch.isfinite(values) | (values > 1e3)
+    mean, ci = mean_and_ci95(values[~diverged])
+    if diverged.any():
+        return f"diverges on {int(diverged.sum())}/{values.numel()} (rest: {mean:.3f} ± {ci:.3f})"
     return f"{mean:.3f} ± {ci:.3f}"
 
 
@@ -120,7 +125,8 @@ def main() -> None:
 
     fixed = [m for m in CANDIDATES if m in results]
     if fixed:
-        stacked = torch.tensor([results[m]["losses"] for m in fixed])
+        # A diverged task (non-finite MSE) is the worst choice, not a NaN that poisons the min.
+        stacked = torch.tensor([results[m]["losses"] for m in fixed]).nan_to_num(nan=float("inf"))
         results["oracle"] = {
             "losses": stacked.min(0).values.tolist(),
             "choices": [CANDIDATES.index(fixed[i]) for i in stacked.argmin(0).tolist()],
