@@ -4,6 +4,7 @@ from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, Ten
 from lightning_meta.data.datamodule import EpisodicDataModule, OmniglotDataModule, SinusoidDataModule
 from lightning_meta.data.lake import LakeOneShotDataModule, LakeRun, load_lake_runs
 from lightning_meta.data.omniglot import OmniglotClasses, load_omniglot, omniglot_splits
+from lightning_meta.data.rl import RLTaskDataModule, TaskSpecStream
 from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, TaskStream, task_rng
 from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
 
@@ -18,9 +19,11 @@ __all__ = [
     "MetaBatchSampler",
     "OmniglotClasses",
     "OmniglotDataModule",
+    "RLTaskDataModule",
     "SinusoidDataModule",
     "SinusoidTasks",
     "TaskSource",
+    "TaskSpecStream",
     "TaskStream",
     "TensorClasses",
     "load_lake_runs",

@@ -5,7 +5,15 @@ Importing this package registers the Gymnasium ids (`lightning_meta/Bandit-v0`,
 needed only by `gym_envs`. Nothing here imports Lightning (DESIGN.md layering).
 """
 
-from lightning_meta.envs.families import BernoulliBandit, Noise, TabularMDP, TaskFamily, Tasks, step_noise
+from lightning_meta.envs.families import (
+    BernoulliBandit,
+    Noise,
+    TabularMDP,
+    TaskFamily,
+    Tasks,
+    TaskSpecBatch,
+    step_noise,
+)
 
 try:
     from lightning_meta.envs.gym_envs import register as _register
@@ -14,4 +22,4 @@ except ImportError:  # gymnasium (the `rl` extra) is not installed: the batched 
 else:
     _register()
 
-__all__ = ["BernoulliBandit", "Noise", "TabularMDP", "TaskFamily", "Tasks", "step_noise"]
+__all__ = ["BernoulliBandit", "Noise", "TabularMDP", "TaskFamily", "TaskSpecBatch", "Tasks", "step_noise"]

@@ -25,6 +25,7 @@ Pure torch and numpy: nothing here imports Lightning (DESIGN.md layering).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +36,27 @@ Tasks = dict[str, Tensor]
 
 Noise = dict[str, Tensor]
 """A batch of trial noise, every tensor `[tasks, episodes, horizon]`; one step's is `[tasks]`."""
+
+
+@dataclass
+class TaskSpecBatch:
+    """Tasks to roll out, task dimension first.
+
+    Attributes:
+        tasks: the task parameters (`TaskFamily.sample_tasks`).
+        noise: one trial's environment noise per task (`TaskFamily.sample_noise`).
+        action_noise: one uniform per step of the trial for the agent's action sampling,
+            `[tasks, episodes, horizon]`.
+        index: the tasks' global indices in their stream.
+    """
+
+    tasks: Tasks
+    noise: Noise
+    action_noise: Tensor
+    index: Tensor
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
 
 
 class TaskFamily(ABC):
