@@ -31,7 +31,6 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.trainer.states import TrainerStatus
 
-from lightning_meta.algorithms.base import MetaLearner
 from lightning_meta.callbacks import EvaluationProtocol
 from lightning_meta.checkpoint_io import AtomicCheckpointIO
 from lightning_meta.data.datamodule import EpisodicDataModule
@@ -337,7 +336,8 @@ def run_cli(args: list[str] | None = None, run: bool = True, report_errors: bool
     # Lightning 2.6's CLI calls jsonargparse APIs deprecated in 4.49: noise for our users.
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     return LightningMetaCLI(
-        MetaLearner,
+        # Any LightningModule: the supervised `MetaLearner`s and the meta-RL `MetaRLLearner`s.
+        pl.LightningModule,
         EpisodicDataModule,
         parser_class=MetaArgumentParser,
         subclass_mode_model=True,

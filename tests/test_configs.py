@@ -10,7 +10,7 @@ import torch
 from lightning_meta.algorithms import MetaSGD, ProtoNet
 from lightning_meta.algorithms.base import supervised_loss
 from lightning_meta.cli import run_cli
-from lightning_meta.data import LakeOneShotDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data import LakeOneShotDataModule, OmniglotDataModule, RLTaskDataModule, SinusoidDataModule
 from lightning_meta.inner_loop import forward
 from lightning_meta.models import Conv4
 
@@ -48,6 +48,8 @@ def test_config_parses_and_builds(config):
             assert out.shape == (2 * ways, ways)
         else:  # a 64-d embedding, or 64 feature maps (Relation Networks)
             assert out.shape[:2] == (2 * ways, 64)
+    elif isinstance(cli.datamodule, RLTaskDataModule):  # meta-RL: the agent is built for the data's family
+        assert cli.model.family == cli.datamodule.family
     else:
         assert isinstance(cli.datamodule, SinusoidDataModule)
 

@@ -177,3 +177,41 @@ def test_n_100_pulls_trains_without_collapse(tmp_path):
     mean, std = model.value_stats()
     _, targets = gae(rollout.rewards, rollout.values * std + mean, model.gamma, model.gae_lambda)
     assert ((rollout.values - (targets - mean) / std) ** 2).mean() < 3.0
+
+
+def _cli_fit(tmp_path, max_steps, *extra):
+    from lightning_meta.cli import run_cli
+
+    args = [
+        "fit",
+        "--config",
+        "configs/bandit/rl2.yaml",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.max_time=null",
+        f"--trainer.max_steps={max_steps}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path}/ckpt",
+        "--checkpoint.every_n_train_steps=4",
+        "--test_after_fit=false",
+        "--model.init_args.hidden_size=16",
+        "--data.init_args.tasks_per_batch=8",
+        "--data.init_args.val_tasks=8",
+        "--data.init_args.batches_per_epoch=3",
+        *extra,
+    ]
+    return run_cli(args).model
+
+
+# A checkpoint of a training step is written after its PPO updates, which is what a resume needs.
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+def test_a_short_fit_through_the_cli_resumes_exactly(tmp_path):
+    """Two rollouts, a checkpoint, two more after a resume: the same weights, Adam state and value
+    statistics as four rollouts straight (tasks, trial noise and action noise come from the
+    global task index, so the resumed run rolls out the same trials)."""
+    straight = _cli_fit(tmp_path / "a", 16)
+    _cli_fit(tmp_path / "b", 8)  # 2 rollouts × 4 PPO epochs; the epoch is 3 rollouts: resume mid-epoch
+    resumed = _cli_fit(tmp_path / "b", 16, f"--ckpt_path={tmp_path}/b/ckpt/last.ckpt")
+    assert straight.global_step == resumed.global_step == 16
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
