@@ -215,3 +215,15 @@ def test_a_short_fit_through_the_cli_resumes_exactly(tmp_path):
     assert straight.global_step == resumed.global_step == 16
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", [BernoulliBandit(3, 4), TabularMDP(4, 3, 3, 2)], ids=repr)
+def test_the_ppo_loss_is_finite_and_reaches_every_parameter(family):
+    torch.manual_seed(0)
+    model = RL2(family, hidden_size=8)
+    rollout = model.rollout(specs(family, 6))
+    loss, _ = model.ppo_loss(rollout, *model.advantages_and_targets(rollout))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
