@@ -13,7 +13,7 @@ import pytest
 import torch
 from gymnasium.vector import AutoresetMode
 
-from lightning_meta.envs import BernoulliBandit, TabularMDP, step_noise
+from lightning_meta.envs import BernoulliBandit, Navigation2D, TabularMDP, step_noise
 from lightning_meta.envs import baselines as B
 from lightning_meta.envs.gym_envs import make_vector_env
 
@@ -111,7 +111,7 @@ def test_make_vector_env_sets_same_step_autoreset_so_every_step_is_a_real_pull()
 def test_gym_env_passes_gymnasiums_checker():
     from gymnasium.utils.env_checker import check_env
 
-    for env_id in ("lightning_meta/Bandit-v0", "lightning_meta/TabularMDP-v0"):
+    for env_id in ("lightning_meta/Bandit-v0", "lightning_meta/TabularMDP-v0", "lightning_meta/Navigation2D-v0"):
         check_env(gym.make(env_id).unwrapped, skip_render_check=True)
 
 
@@ -147,3 +147,29 @@ def test_envs_do_not_import_lightning():
         "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_navigation_by_hand_and_against_its_gymnasium_twin():
+    family = Navigation2D(horizon=4)
+    tasks = {"goal": torch.tensor([[0.3, -0.05]])}
+    state, reward = family.step(tasks, family.initial_state(tasks), torch.tensor([[0.5, -0.02]]), {})
+    torch.testing.assert_close(state, torch.tensor([[0.1, -0.02]]))  # the move is clipped to ±0.1
+    torch.testing.assert_close(reward, -torch.tensor([(0.2**2 + 0.03**2) ** 0.5]))
+    env = gym.make("lightning_meta/Navigation2D-v0", horizon=4)
+    obs, _ = env.reset(seed=0, options={"task": {"goal": np.array([0.3, -0.05], np.float32)}})
+    state = family.initial_state(tasks)
+    for action in ([0.5, -0.02], [0.05, 0.3], [-0.2, 0.0], [0.01, 0.01]):
+        obs, reward, terminated, truncated, _ = env.step(np.array(action, np.float32))
+        state, r = family.step(tasks, state, torch.tensor([action]), {})
+        np.testing.assert_allclose(obs, state[0].numpy(), atol=1e-7)
+        assert reward == pytest.approx(r.item(), abs=1e-6)
+    assert truncated and not terminated
+
+
+def test_navigation_baselines_stand_still_near_minus_38_and_the_oracle_reaches_the_goal():
+    family = Navigation2D()
+    tasks = family.sample_tasks(2000, np.random.default_rng(0))
+    still = B.stand_still(family, tasks, {})
+    assert still.mean().item() == pytest.approx(-38.3, abs=1.0)  # 100 × E|goal|, goal ~ U[-0.5, 0.5]²
+    oracle = B.navigation_oracle(family, tasks, {})
+    assert (oracle > still).all() and oracle.mean() > -3.5

@@ -96,6 +96,8 @@ class RL2(MetaRLLearner):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
+        if not family.discrete:
+            raise ValueError(f"RL2's policy is categorical: {family!r} has continuous actions")
         super().__init__(family, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False

@@ -1,12 +1,13 @@
 """Meta-RL task distributions: batched torch families for training, Gymnasium twins for users.
 
 Importing this package registers the Gymnasium ids (`lightning_meta/Bandit-v0`,
-`lightning_meta/TabularMDP-v0`); Gymnasium is the `rl` extra (`pip install lightning-meta[rl]`),
-needed only by `gym_envs`. Nothing here imports Lightning (DESIGN.md layering).
+`lightning_meta/TabularMDP-v0`, `lightning_meta/Navigation2D-v0`); Gymnasium is the `rl` extra
+(`pip install lightning-meta[rl]`), needed only by `gym_envs`. Nothing here imports Lightning (DESIGN.md layering).
 """
 
 from lightning_meta.envs.families import (
     BernoulliBandit,
+    Navigation2D,
     Noise,
     TabularMDP,
     TaskFamily,
@@ -22,4 +23,13 @@ except ImportError:  # gymnasium (the `rl` extra) is not installed: the batched 
 else:
     _register()
 
-__all__ = ["BernoulliBandit", "Noise", "TabularMDP", "TaskFamily", "TaskSpecBatch", "Tasks", "step_noise"]
+__all__ = [
+    "BernoulliBandit",
+    "Navigation2D",
+    "Noise",
+    "TabularMDP",
+    "TaskFamily",
+    "TaskSpecBatch",
+    "Tasks",
+    "step_noise",
+]

@@ -3,7 +3,8 @@ and the same trial noise (Duan et al. 2016 Tables 1 and 2).
 
 Bandits: random, greedy, ε-greedy, UCB1 (constant c), Thompson sampling (Beta(1, 1) prior) and
 the oracle that knows p and always pulls the best arm. Tabular MDPs: random and the oracle that
-knows the MDP and follows its finite-horizon optimal policy (value iteration). Each returns the
+knows the MDP and follows its finite-horizon optimal policy (value iteration). 2D navigation:
+standing still and the oracle that moves straight to the goal. Each returns the
 trial return of every task, `[tasks]`, stepping the batched family (`rollout`).
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lightning_meta.envs.families import BernoulliBandit, Noise, TabularMDP, TaskFamily, Tasks, step_noise
+from lightning_meta.envs.families import BernoulliBandit, Navigation2D, Noise, TabularMDP, TaskFamily, Tasks, step_noise
 
 Policy = Callable[[Tensor, Tensor, int], Tensor]
 """(state `[tasks]`, observation `[tasks, obs_dim]`, step within the episode) -> action `[tasks]`."""
@@ -148,6 +149,16 @@ def mdp_oracle(family: TabularMDP, tasks: Tasks, noise: Noise) -> Tensor:
     return rollout(family, tasks, noise, lambda s, o, t: plan[rows, t, s])
 
 
+def stand_still(family: Navigation2D, tasks: Tasks, noise: Noise) -> Tensor:
+    """Zero moves (about -38 per 100-step episode)."""
+    return rollout(family, tasks, noise, lambda s, o, t: torch.zeros_like(s))
+
+
+def navigation_oracle(family: Navigation2D, tasks: Tasks, noise: Noise) -> Tensor:
+    """The largest allowed move towards the known goal (each step minimises the distance)."""
+    return rollout(family, tasks, noise, lambda s, o, t: tasks["goal"] - s)
+
+
 def baselines(family: TaskFamily) -> dict[str, Callable[[Tasks, Noise], Tensor]]:
     """The baselines of `family`, by name: each maps (tasks, noise) to trial returns."""
     if isinstance(family, BernoulliBandit):
@@ -163,5 +174,10 @@ def baselines(family: TaskFamily) -> dict[str, Callable[[Tasks, Noise], Tensor]]
         return {
             "random": lambda tasks, noise: random_policy(family, tasks, noise),
             "oracle": lambda tasks, noise: mdp_oracle(family, tasks, noise),
+        }
+    if isinstance(family, Navigation2D):
+        return {
+            "stand_still": lambda tasks, noise: stand_still(family, tasks, noise),
+            "oracle": lambda tasks, noise: navigation_oracle(family, tasks, noise),
         }
     return {}

@@ -18,6 +18,10 @@ Families (task, observation, reward):
 - `TabularMDP` (Duan et al. 2016 §4.2): |S| states, |A| actions, transitions P(·|s, a) ~ flat
   Dirichlet, mean rewards R(s, a) ~ N(1, 1), observed rewards R(s, a) + N(0, 1); episodes of H
   steps start in state 0; the observation is the state one-hot.
+- `Navigation2D` (Finn et al. 2017 §5.3): a point starts at the origin, the goal is uniform in
+  the unit square [-0.5, 0.5]², actions are 2D moves clipped to [-0.1, 0.1] per coordinate, the
+  reward is minus the distance to the goal after the move, H = 100 (deterministic, no noise; no
+  early termination near the goal). Standing still scores about -38 per episode.
 
 Pure torch and numpy: nothing here imports Lightning (DESIGN.md layering).
 """
@@ -69,6 +73,9 @@ class TaskFamily(ABC):
 
     obs_dim: int
     num_actions: int
+    """Discrete families: the number of actions. Continuous ones: the action's dimension."""
+    discrete: bool = True
+    """Whether actions are indices `[tasks]` (long) or vectors `[tasks, num_actions]`."""
 
     def __init__(self, episodes: int, horizon: int) -> None:
         if episodes < 1 or horizon < 1:
@@ -203,6 +210,43 @@ class TabularMDP(TaskFamily):
         cdf = tasks["transitions"][rows, state, action].cumsum(-1)
         next_state = (cdf <= noise["u"][:, None]).sum(-1).clamp(max=self.states - 1)
         return next_state, reward
+
+
+class Navigation2D(TaskFamily):
+    """2D navigation to a goal (Finn et al. 2017 §5.3); see the module docstring.
+
+    Args:
+        horizon: steps per episode (H).
+        episodes: episodes per trial.
+        max_move: the per-coordinate clip of an action.
+    """
+
+    obs_dim = 2
+    num_actions = 2
+    discrete = False
+
+    def __init__(self, horizon: int = 100, episodes: int = 1, max_move: float = 0.1) -> None:
+        super().__init__(episodes=episodes, horizon=horizon)
+        self.max_move = max_move
+
+    def config(self) -> dict[str, float]:
+        return {"horizon": self.horizon, "episodes": self.episodes, "max_move": self.max_move}
+
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> Tasks:
+        return {"goal": torch.from_numpy(rng.uniform(-0.5, 0.5, size=(n, 2)).astype(np.float32))}
+
+    def sample_noise(self, n: int, rng: np.random.Generator) -> Noise:
+        return {}  # deterministic dynamics
+
+    def initial_state(self, tasks: Tasks) -> Tensor:
+        return torch.zeros_like(tasks["goal"])
+
+    def observe(self, tasks: Tasks, state: Tensor) -> Tensor:
+        return state
+
+    def step(self, tasks: Tasks, state: Tensor, action: Tensor, noise: Noise) -> tuple[Tensor, Tensor]:
+        next_state = state + action.clamp(-self.max_move, self.max_move)
+        return next_state, -(next_state - tasks["goal"]).norm(dim=-1)
 
 
 def step_noise(noise: Noise, episode: int, t: int) -> Noise:

@@ -11,7 +11,8 @@ uniform; MDP: one uniform for the next state, then one normal for the reward) an
 same formula as the batched family, so both give identical transitions for the same task,
 actions and noise (tests/test_envs.py).
 
-Registered ids: `lightning_meta/Bandit-v0`, `lightning_meta/TabularMDP-v0`.
+Registered ids: `lightning_meta/Bandit-v0`, `lightning_meta/TabularMDP-v0`,
+`lightning_meta/Navigation2D-v0`.
 
 Gymnasium's vector environments autoreset on the *next* step by default: the step after an
 episode ends returns the reset observation with reward 0 and ignores the action, so a sampler
@@ -28,7 +29,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-from lightning_meta.envs.families import BernoulliBandit, TabularMDP, TaskFamily
+from lightning_meta.envs.families import BernoulliBandit, Navigation2D, TabularMDP, TaskFamily
 
 TaskArrays = dict[str, np.ndarray]
 """One task's parameters, as numpy arrays."""
@@ -59,8 +60,11 @@ class _TaskEnv(gym.Env):
         if self.task is None:
             self.set_task(self.sample_tasks(1, self.np_random)[0])
         self.t = 0
-        self.state = 0
+        self.state = self._initial_state()
         return self._obs(), self._info()
+
+    def _initial_state(self) -> Any:
+        return 0  # the first state of every episode
 
     def _info(self) -> dict[str, TaskArrays]:
         # A fresh dict per call: users keep infos, and Gymnasium's checker refuses shared ones.
@@ -125,6 +129,35 @@ class TabularMDPEnv(_TaskEnv):
         return self._obs(), reward, False, self.t >= self.family.horizon, self._info()
 
 
+class Navigation2DEnv(_TaskEnv):
+    """2D navigation to a goal (`Navigation2D`): episodes of `horizon` steps from the origin.
+
+    Args:
+        horizon: steps per episode (H); the episode is truncated after it.
+        episodes: episodes per trial; recorded for trial-level tools.
+        max_move: the per-coordinate clip of an action.
+    """
+
+    def __init__(self, horizon: int = 100, episodes: int = 1, max_move: float = 0.1) -> None:
+        super().__init__()
+        self.family = Navigation2D(horizon, episodes, max_move)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-max_move, max_move, shape=(2,), dtype=np.float32)
+
+    def _initial_state(self) -> np.ndarray:
+        return np.zeros(2, dtype=np.float32)
+
+    def _obs(self) -> np.ndarray:
+        return np.asarray(self.state, dtype=np.float32).copy()
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        move = np.clip(np.asarray(action, dtype=np.float32), -self.family.max_move, self.family.max_move)
+        self.state = (self.state + move).astype(np.float32)
+        reward = -float(np.linalg.norm(self.state - self.task["goal"]))
+        self.t += 1
+        return self._obs(), reward, False, self.t >= self.family.horizon, self._info()
+
+
 def make_vector_env(
     env_id: str,
     tasks: list[TaskArrays],
@@ -154,6 +187,7 @@ def register() -> None:
     for env_id, entry_point in (
         ("lightning_meta/Bandit-v0", "lightning_meta.envs.gym_envs:BanditEnv"),
         ("lightning_meta/TabularMDP-v0", "lightning_meta.envs.gym_envs:TabularMDPEnv"),
+        ("lightning_meta/Navigation2D-v0", "lightning_meta.envs.gym_envs:Navigation2DEnv"),
     ):
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=entry_point, disable_env_checker=False)
