@@ -141,7 +141,8 @@ class Navigation2DEnv(_TaskEnv):
     def __init__(self, horizon: int = 100, episodes: int = 1, max_move: float = 0.1) -> None:
         super().__init__()
         self.family = Navigation2D(horizon, episodes, max_move)
-        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+        reach = horizon * max_move  # the farthest an episode can go from the origin
+        self.observation_space = gym.spaces.Box(-reach, reach, shape=(2,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-max_move, max_move, shape=(2,), dtype=np.float32)
 
     def _initial_state(self) -> np.ndarray:
