@@ -9,12 +9,14 @@ separate tasks (the validation stream) before it is scored on the test tasks.
     OMP_NUM_THREADS=1 python benchmarks/bandit_rl2.py --family bandit --pulls 100 --minutes 12
     OMP_NUM_THREADS=1 python benchmarks/bandit_rl2.py --family mdp --minutes 12
 
-Prints a Markdown table: method, mean trial return ± 95% CI, the paper's number where it gives one.
+Prints a Markdown table (method, mean trial return ± 95% CI, the paper's number where it gives
+one) and writes it to benchmarks/results/rl2_<family>[_n<pulls>].md.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -89,18 +91,26 @@ def main() -> None:
         rows.append((f"ucb1 (c = {c} tuned on 1000 val tasks)", mean.item(), ci.item()))
     key = (args.family, args.pulls if args.family == "bandit" else 10)
     paper = PAPER.get(key, {})
-    print(f"\n{model.family!r}: RL² meta-trained {wall / 60:.1f} min wall (incl. validation and test) on CPU, ")
-    print(f"{rollouts} rollouts × {data.tasks_per_batch} trials, {steps} PPO optimizer steps; ", end="")
-    print(f"{data.test_tasks} test tasks\n")
-    print("| method | mean trial return ± 95% CI | Duan et al. 2016 |")
-    print("|---|---|---|")
+    lines = [
+        f"{model.family!r}: RL² meta-trained {wall / 60:.1f} min wall (incl. validation and test) on CPU, "
+        f"{rollouts} rollouts × {data.tasks_per_batch} trials, {steps} PPO optimizer steps; "
+        f"{data.test_tasks} test tasks",
+        "",
+        "| method | mean trial return ± 95% CI | Duan et al. 2016 |",
+        "|---|---|---|",
+    ]
     for name, mean, ci in rows:
         ref = paper.get("RL²" if name.startswith("RL²") else name, "")
-        print(f"| {name} | {mean:.2f} ± {ci:.2f} | {ref} |")
+        lines.append(f"| {name} | {mean:.2f} ± {ci:.2f} | {ref} |")
     for name, value in paper.items():
         if name not in ("RL²", *names):
-            print(f"| {name} (not run here) | | {value} |")
-    print(f"\nfirst episode {metrics['test/return_first']:.2f}, last episode {metrics['test/return_last']:.2f}")
+            lines.append(f"| {name} (not run here) | | {value} |")
+    lines += ["", f"RL² first episode {metrics['test/return_first']:.2f}, last {metrics['test/return_last']:.2f}"]
+    print("\n" + "\n".join(lines))
+    suffix = f"_n{args.pulls}" if args.family == "bandit" else ""
+    out = REPO / "benchmarks" / "results" / f"rl2_{args.family}{suffix}.md"
+    out.write_text("\n".join(lines) + f"\n\n`{' '.join(['python benchmarks/bandit_rl2.py', *sys.argv[1:]])}`\n")
+    print(f"wrote {out.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
