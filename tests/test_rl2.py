@@ -227,3 +227,37 @@ def test_the_ppo_loss_is_finite_and_reaches_every_parameter(family):
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _ddp_run(devices, tasks_per_batch, out):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_ddp import clean_env
+
+    script = Path(__file__).with_name("ddp_rl2.py")
+    command = [sys.executable, str(script), "--devices", str(devices), "--tasks-per-batch", str(tasks_per_batch)]
+    result = subprocess.run([*command, "--out", str(out)], env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = torch.load(out)
+    assert saved["world_size"] == devices
+    return saved
+
+
+@pytest.mark.distributed
+def test_ddp_ppo_gradient_equals_one_process_on_the_union_of_tasks(tmp_path):
+    """2 gloo processes × 4 trials: the averaged PPO gradient (float64) equals one process's on
+    the 8 trials, as advantages and value targets are normalised over all ranks' trials."""
+    single = _ddp_run(1, 8, tmp_path / "single.pt")
+    ddp = _ddp_run(2, 4, tmp_path / "ddp.pt")
+    assert single["grads"].keys() == ddp["grads"].keys() and single["grads"]
+    for name, grad in single["grads"].items():
+        assert grad.dtype == torch.float64
+        torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    half = _ddp_run(1, 4, tmp_path / "half.pt")["grads"]
+    assert max((half[n] - g).abs().max() for n, g in single["grads"].items()) > 1e-6  # not vacuous
+    torch.testing.assert_close(ddp["value_stats"], single["value_stats"], rtol=1e-9, atol=1e-12)
+    for key in ("val/return", "val/return_ci95", "val/baseline/oracle"):
+        assert abs(ddp["val"][key] - single["val"][key]) < 1e-5, key
+    assert ddp["val"]["val/tasks"] == single["val"]["val/tasks"] == 5

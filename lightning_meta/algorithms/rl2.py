@@ -141,15 +141,17 @@ class RL2(MetaRLLearner):
     def rollout(self, batch: TaskSpecBatch) -> Rollout:
         """One trial of every task of `batch`, the hidden state kept across its episodes."""
         family, tasks, n = self.family, batch.tasks, len(batch)
-        hidden = torch.zeros(1, n, self.gru.hidden_size, device=self.device)
-        prev_action = torch.zeros(n, family.num_actions, device=self.device)  # none yet
-        prev_reward = torch.zeros(n, device=self.device)
-        prev_done = torch.zeros(n, device=self.device)
+        like = {"device": self.device, "dtype": self.policy.weight.dtype}
+        hidden = torch.zeros(1, n, self.gru.hidden_size, **like)
+        prev_action = torch.zeros(n, family.num_actions, **like)  # none yet
+        prev_reward = torch.zeros(n, **like)
+        prev_done = torch.zeros(n, **like)
         steps: dict[str, list[Tensor]] = {k: [] for k in ("inputs", "actions", "log_probs", "values", "rewards")}
         for episode in range(family.episodes):
             state = family.initial_state(tasks)
             for t in range(family.horizon):
-                x = torch.cat([family.observe(tasks, state), prev_action, prev_reward[:, None], prev_done[:, None]], 1)
+                obs = family.observe(tasks, state).to(prev_action.dtype)
+                x = torch.cat([obs, prev_action, prev_reward[:, None], prev_done[:, None]], 1)
                 out, hidden = self.gru(x[None], hidden)
                 logits, value = self.heads(out[0])
                 log_probs = F.log_softmax(logits, -1)

@@ -156,7 +156,7 @@ class BernoulliBandit(TaskFamily):
         return {"u": torch.from_numpy(rng.random((n, self.episodes, 1)).astype(np.float32))}
 
     def observe(self, tasks: Tasks, state: Tensor) -> Tensor:
-        return torch.zeros(state.shape[0], 1, device=state.device)
+        return torch.zeros(state.shape[0], 1, dtype=tasks["probs"].dtype, device=state.device)
 
     def step(self, tasks: Tasks, state: Tensor, action: Tensor, noise: Noise) -> tuple[Tensor, Tensor]:
         p = tasks["probs"].gather(1, action[:, None]).squeeze(1)
