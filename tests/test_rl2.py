@@ -4,6 +4,7 @@ regression (n = 100 pulls), seeded task specs under DDP shares, and short fits t
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def _cli_fit(tmp_path, max_steps, *extra):
     args = [
         "fit",
         "--config",
-        "configs/bandit/rl2.yaml",
+        str(Path(__file__).resolve().parents[1] / "configs/bandit/rl2.yaml"),
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
         "--trainer.max_time=null",
@@ -232,7 +233,6 @@ def test_the_ppo_loss_is_finite_and_reaches_every_parameter(family):
 def _ddp_run(devices, tasks_per_batch, out):
     import subprocess
     import sys
-    from pathlib import Path
 
     from tests.test_ddp import clean_env
 

@@ -2,8 +2,11 @@
 
 Importing this package registers the Gymnasium ids (`lightning_meta/Bandit-v0`,
 `lightning_meta/TabularMDP-v0`, `lightning_meta/Navigation2D-v0`); Gymnasium is the `rl` extra
-(`pip install lightning-meta[rl]`), needed only by `gym_envs`. Nothing here imports Lightning (DESIGN.md layering).
+(`pip install lightning-meta[rl]`), needed only by `gym_envs`. Nothing here imports Lightning
+(DESIGN.md layering).
 """
+
+import importlib.util
 
 from lightning_meta.envs.families import (
     BernoulliBandit,
@@ -16,11 +19,9 @@ from lightning_meta.envs.families import (
     step_noise,
 )
 
-try:
+if importlib.util.find_spec("gymnasium") is not None:  # the `rl` extra; the batched families need only torch
     from lightning_meta.envs.gym_envs import register as _register
-except ImportError:  # gymnasium (the `rl` extra) is not installed: the batched families still work
-    pass
-else:
+
     _register()
 
 __all__ = [
