@@ -206,6 +206,7 @@ def _cli_fit(tmp_path, max_steps, *extra):
 
 # A checkpoint of a training step is written after its PPO updates, which is what a resume needs.
 @pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")  # the resume reuses it
 def test_a_short_fit_through_the_cli_resumes_exactly(tmp_path):
     """Two rollouts, a checkpoint, two more after a resume: the same weights, Adam state and value
     statistics as four rollouts straight (tasks, trial noise and action noise come from the
