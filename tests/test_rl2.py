@@ -217,6 +217,11 @@ def test_a_short_fit_through_the_cli_resumes_exactly(tmp_path):
     assert straight.global_step == resumed.global_step == 16
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # The checkpoint alone rebuilds the agent, its family and its value statistics.
+    loaded = RL2.load_from_checkpoint(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
+    assert loaded.family == BernoulliBandit(5, 10) and loaded.gru.hidden_size == 16
+    for (name, a), b in zip(resumed.state_dict().items(), loaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("family", [BernoulliBandit(3, 4), TabularMDP(4, 3, 3, 2)], ids=repr)
