@@ -18,6 +18,7 @@ from typing import Literal
 import pytorch_lightning as pl
 
 from lightning_meta.algorithms.base import PROTOCOLS, MetaLearner
+from lightning_meta.algorithms.rl_base import MetaRLLearner
 from lightning_meta.algorithms.task_parallel import MODES
 
 
@@ -112,6 +113,8 @@ class EvaluationProtocol(pl.Callback):
         self._trained_with: str | None = None  # the training protocol of a checkpoint resumed from
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(pl_module, MetaRLLearner):
+            return  # no BatchNorm over support and query sets: the CLI's default callback is a no-op
         if not isinstance(pl_module, MetaLearner):
             raise TypeError(f"EvaluationProtocol works with MetaLearner modules, not {type(pl_module).__name__}")
         pl_module.eval_protocol, pl_module.train_protocol = self.evaluation, self.training

@@ -441,7 +441,8 @@ def run_cli(args: list[str] | None = None, run: bool = True, report_errors: bool
     # Lightning 2.6's CLI calls jsonargparse APIs deprecated in 4.49: noise for our users.
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     return LightningMetaCLI(
-        MetaLearner,
+        # Any LightningModule: the supervised `MetaLearner`s and the meta-RL `MetaRLLearner`s.
+        pl.LightningModule,
         EpisodicDataModule,
         parser_class=MetaArgumentParser,
         subclass_mode_model=True,

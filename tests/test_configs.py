@@ -10,7 +10,13 @@ import torch
 from lightning_meta.algorithms import MetaSGD, ProtoNet
 from lightning_meta.algorithms.base import supervised_loss
 from lightning_meta.cli import run_cli
-from lightning_meta.data import FewShotDataModule, LakeOneShotDataModule, OmniglotDataModule, SinusoidDataModule
+from lightning_meta.data import (
+    FewShotDataModule,
+    LakeOneShotDataModule,
+    OmniglotDataModule,
+    RLTaskDataModule,
+    SinusoidDataModule,
+)
 from lightning_meta.data.benchmarks import (
     CIFARFSDataModule,
     CUBDataModule,
@@ -84,6 +90,8 @@ def test_config_parses_and_builds(config):
     elif isinstance(cli.datamodule, FewShotDataModule):  # image folders: the format says the input shape
         fmt = cli.datamodule.image_format()
         assert cli.model.backbone(torch.zeros(4, fmt.channels, fmt.image_size, fmt.image_size)).shape[0] == 4
+    elif isinstance(cli.datamodule, RLTaskDataModule):  # meta-RL: the agent is built for the data's family
+        assert cli.model.family == cli.datamodule.family
     else:
         assert isinstance(cli.datamodule, SinusoidDataModule)
 

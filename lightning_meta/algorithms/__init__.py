@@ -14,15 +14,19 @@ from lightning_meta.algorithms.metasgd import MetaSGD
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.relation import RelationNetworks
 from lightning_meta.algorithms.reptile import Reptile
+from lightning_meta.algorithms.rl2 import RL2
+from lightning_meta.algorithms.rl_base import MetaRLLearner
 from lightning_meta.algorithms.siamese import Siamese
 
 __all__ = [
     "ANIL",
     "CAVIA",
     "MAML",
+    "RL2",
     "MAMLPlusPlus",
     "MatchingNetworks",
     "MetaLearner",
+    "MetaRLLearner",
     "MetaSGD",
     "ProtoNet",
     "RelationNetworks",

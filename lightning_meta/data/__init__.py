@@ -13,6 +13,7 @@ from lightning_meta.data.images import ImageFormat
 from lightning_meta.data.lake import LakeOneShotDataModule, LakeRun, load_lake_runs
 from lightning_meta.data.noisy import LabelNoiseTasks, LinearRegressionTasks
 from lightning_meta.data.omniglot import OmniglotClasses, load_omniglot, omniglot_splits
+from lightning_meta.data.rl import RLTaskDataModule, TaskSpecStream
 from lightning_meta.data.sampler import FixedTaskSampler, MetaBatchSampler, TaskStream, task_rng
 from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
 
@@ -34,9 +35,11 @@ __all__ = [
     "MetaBatchSampler",
     "OmniglotClasses",
     "OmniglotDataModule",
+    "RLTaskDataModule",
     "SinusoidDataModule",
     "SinusoidTasks",
     "TaskSource",
+    "TaskSpecStream",
     "TaskStream",
     "TensorClasses",
     "class_folders",

@@ -1,0 +1,126 @@
+"""The shared base of the meta-RL algorithms: evaluation on fixed seeded tasks against baselines.
+
+`MetaRLLearner` is a sibling of `MetaLearner`, not a subclass: `MetaLearner`'s step is "adapt
+on a `TaskBatch`'s support set, score its query set" (one abstract `task_loss`, vmap/loop task
+batching, the BatchNorm evaluation protocols, gradient-based evaluation under
+`inference_mode=False`), and none of it applies to an agent that collects its own data by
+acting: a meta-RL batch is a `TaskSpecBatch` of tasks to roll out, the loss needs the
+rollouts first, and RL² "adapts" in its recurrent state, with no gradient at evaluation. What
+the two share is kept the same by sharing functions and the data layer: the task stream seeded
+by global task index with DDP shares (`RLTaskDataModule`), the injected optimizer and
+scheduler, and the evaluation report (mean ± 95% CI over fixed tasks, gathered over ranks).
+
+Validation and test roll out one trial of every fixed task and log, ± 95% CI:
+`{stage}/return` (the trial return), `{stage}/return_first` and `{stage}/return_last` (the
+first and last episode's return: how much the agent adapted within the trial), and the
+family's baselines (`lightning_meta.envs.baselines`) on the same tasks and noise as
+`{stage}/baseline/<name>`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lightning_meta.algorithms.base import mean_and_ci95
+from lightning_meta.envs.baselines import baselines
+from lightning_meta.envs.families import TaskFamily, TaskSpecBatch
+
+
+class MetaRLLearner(pl.LightningModule):
+    """Shared evaluation, optimizer and checks of the meta-RL algorithms; see the module docstring.
+
+    Args:
+        family: the task family the agent is built for (its observation and action sizes);
+            must equal the DataModule's.
+        optimizer: builds the optimizer from the parameters; default Adam(1e-3).
+        lr_scheduler: builds an optional learning-rate scheduler, stepped once per training step.
+    """
+
+    adapts_with_gradients: bool = False
+    uses_output_head: bool = False
+
+    def __init__(
+        self,
+        family: TaskFamily,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.family = family
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self._eval_outputs: list[dict[str, Tensor]] = []
+
+    @abstractmethod
+    def episode_returns(self, batch: TaskSpecBatch) -> Tensor:
+        """Roll out one trial of every task of `batch`: the return of each episode, `[tasks, episodes]`."""
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        family = getattr(datamodule, "family", None)
+        if family is not None and family != self.family:
+            raise ValueError(
+                f"the model is built for {self.family!r} but the data holds {family!r}: give "
+                "model.init_args.family and data.init_args.family the same family"
+            )
+
+    def _eval_step(self, batch: TaskSpecBatch) -> None:
+        with torch.no_grad():
+            episodes = self.episode_returns(batch).float()
+            stats = {"return": episodes.sum(1), "return_first": episodes[:, 0], "return_last": episodes[:, -1]}
+            tasks = {key: value.cpu() for key, value in batch.tasks.items()}
+            noise = {key: value.cpu() for key, value in batch.noise.items()}
+            for name, run in baselines(self.family).items():
+                stats[f"baseline/{name}"] = run(tasks, noise).to(episodes.device)
+        self._eval_outputs.append(stats)
+
+    def validation_step(self, batch: TaskSpecBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: TaskSpecBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def gather(self, values: Tensor) -> Tensor:
+        """All ranks' values concatenated along the first dimension (equal counts per rank)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        return self.all_gather(values).flatten(0, 1)
+
+    def _gather_tasks(self, values: Tensor) -> Tensor:
+        # Ranks may hold different numbers of evaluation tasks (dealt round-robin): pad with NaN.
+        if self.trainer.world_size == 1:
+            return values
+        counts = self.all_gather(torch.tensor([values.numel()], device=values.device)).flatten()
+        padded = torch.full((int(counts.max()),), float("nan"), dtype=values.dtype, device=values.device)
+        padded[: values.numel()] = values
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        outputs, self._eval_outputs = self._eval_outputs, []
+        if not outputs:
+            return
+        for key in outputs[0]:
+            values = self._gather_tasks(torch.cat([o[key] for o in outputs]))
+            mean, ci95 = mean_and_ci95(values)
+            self.log(f"{stage}/{key}", mean, prog_bar=key == "return")
+            self.log(f"{stage}/{key}_ci95", ci95)
+        self.log(f"{stage}/tasks", float(values.numel()))
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):  # noqa: ANN201 - Lightning's union of return types
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,36 @@
+"""Meta-RL task distributions: batched torch families for training, Gymnasium twins for users.
+
+Importing this package registers the Gymnasium ids (`lightning_meta/Bandit-v0`,
+`lightning_meta/TabularMDP-v0`, `lightning_meta/Navigation2D-v0`); Gymnasium is the `rl` extra
+(`pip install lightning-meta[rl]`), needed only by `gym_envs`. Nothing here imports Lightning
+(DESIGN.md layering).
+"""
+
+import importlib.util
+
+from lightning_meta.envs.families import (
+    BernoulliBandit,
+    Navigation2D,
+    Noise,
+    TabularMDP,
+    TaskFamily,
+    Tasks,
+    TaskSpecBatch,
+    step_noise,
+)
+
+if importlib.util.find_spec("gymnasium") is not None:  # the `rl` extra; the batched families need only torch
+    from lightning_meta.envs.gym_envs import register as _register
+
+    _register()
+
+__all__ = [
+    "BernoulliBandit",
+    "Navigation2D",
+    "Noise",
+    "TabularMDP",
+    "TaskFamily",
+    "TaskSpecBatch",
+    "Tasks",
+    "step_noise",
+]
