@@ -36,6 +36,11 @@ MetaLSTMState = tuple[tuple[Tensor, Tensor], Tensor, Tensor]
 previous forget gate `[coordinates]`)."""
 
 
+def gate(h: Tensor, theta: Tensor, previous: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """σ(W · [h, θ, previous gate] + b) per coordinate: `h` `[n, hidden]`, the others `[n]`."""
+    return torch.sigmoid(h @ weight[:-2] + theta * weight[-2] + previous * weight[-1] + bias)
+
+
 class MetaLSTM(UpdateRule):
     """Ravi & Larochelle's meta-learner LSTM as an inner update rule (θ0 = c_0 is the learner's own).
 
@@ -100,15 +105,8 @@ class MetaLSTM(UpdateRule):
         x_grad = preprocess_gradients(grad, self.preprocess_p)
         x_loss = preprocess_gradients(loss.reshape(1).to(dtype), self.preprocess_p).expand_as(x_grad)
         h, c = self.lstm(torch.cat([x_loss, x_grad], dim=-1), hc)
-        input_gate = torch.sigmoid(
-            h @ self.input_weight[:-2] + theta * self.input_weight[-2] + input_gate * self.input_weight[-1] + self.input_bias
-        )
-        forget_gate = torch.sigmoid(
-            h @ self.forget_weight[:-2]
-            + theta * self.forget_weight[-2]
-            + forget_gate * self.forget_weight[-1]
-            + self.forget_bias
-        )
+        input_gate = gate(h, theta, input_gate, self.input_weight, self.input_bias)
+        forget_gate = gate(h, theta, forget_gate, self.forget_weight, self.forget_bias)
         new_theta = forget_gate * theta - input_gate * grad
         sizes = [p.numel() for p in params.values()]
         flat = dict(zip(params, new_theta.split(sizes), strict=True))
