@@ -47,7 +47,8 @@ class MetaLSTM(UpdateRule):
     Args:
         hidden_size: hidden units of the first, plain LSTM layer (the reference code: 20).
         preprocess_p: p of the loss and gradient preprocessing (10, as Andrychowicz et al.).
-        forget_bias_init: the interval b_F is drawn from (the issue and paper: [4, 6]).
+        forget_bias_init: the interval b_F is drawn from (the paper: [4, 6]; its reference code
+            draws from [4, 5]).
         input_bias_init: the interval b_I is drawn from ([−5, −4]).
     """
 
