@@ -82,20 +82,28 @@ def _eager_for_double_backward(loss_fn: Callable[[Params], Tensor], inputs: Para
 
 def inner_gradients(loss_fn: Callable[[Params], Tensor], params: Params, first_order: bool) -> Params:
     """∇ loss_fn(params), differentiable w.r.t. the params' own graph unless `first_order`."""
+    return inner_gradients_and_loss(loss_fn, params, first_order)[0]
+
+
+def inner_gradients_and_loss(
+    loss_fn: Callable[[Params], Tensor], params: Params, first_order: bool
+) -> tuple[Params, Tensor]:
+    """(∇ loss_fn(params), loss_fn(params)): both keep their graph to the params unless `first_order`."""
     if _FUNCTIONAL.get():
-        grads = torch.func.grad(loss_fn)(params)
-        return {n: g.detach() for n, g in grads.items()} if first_order else grads
+        grads, loss = torch.func.grad_and_value(loss_fn)(params)
+        return ({n: g.detach() for n, g in grads.items()}, loss.detach()) if first_order else (grads, loss)
     # A θ outside any graph (e.g. detached by the caller) still needs inner gradients.
     inputs = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
     second_order_compiled = not first_order and _COMPILED.get() and not torch.compiler.is_compiling()
+    loss = _eager_for_double_backward(loss_fn, inputs) if second_order_compiled else loss_fn(inputs)
     grads = torch.autograd.grad(
-        _eager_for_double_backward(loss_fn, inputs) if second_order_compiled else loss_fn(inputs),
+        loss,
         list(inputs.values()),
         create_graph=not first_order,
         allow_unused=True,
         materialize_grads=True,
     )
-    return dict(zip(inputs, grads, strict=True))
+    return dict(zip(inputs, grads, strict=True)), loss.detach() if first_order else loss
 
 
 def named_params(module: nn.Module, names: Sequence[str] | None = None) -> Params:
@@ -176,6 +184,11 @@ class UpdateRule(nn.Module):
     vmap_blocker: str | None = None
     """Why this rule may not run under `torch.func.vmap`, or None if its loop/vmap parity is tested."""
 
+    needs_loss: bool = False
+    """True: the rule also reads the support loss at θ_k, and `update_step` calls it with `loss=`
+    (a scalar, graph kept unless first order), e.g. the Meta-Learner LSTM. False keeps the
+    four-argument call, so the other rules' numbers cannot change."""
+
     def bind(self, params: Params) -> None:
         """Make any per-tensor parameters for the tensors `params` names (called once by the
         learner, with θ0, in its constructor). Default: nothing to make."""
@@ -209,6 +222,9 @@ def update_step(
 ) -> tuple[Params, Any]:
     """One inner step of `rule` on `loss_fn` from `params`: (θ_{k+1}, next state)."""
     with torch.enable_grad():
+        if rule.needs_loss:
+            grads, loss = inner_gradients_and_loss(loss_fn, params, first_order)
+            return rule(params, grads, state, step, loss=loss)
         return rule(params, inner_gradients(loss_fn, params, first_order), state, step)
 
 

@@ -25,7 +25,7 @@ from lightning_meta.algorithms import (
     Siamese,
 )
 from lightning_meta.models import Conv4
-from lightning_meta.update_rules import LearnedOptimizer
+from lightning_meta.update_rules import LearnedOptimizer, MetaLSTM
 from tests.helpers import SyntheticClassesDataModule
 
 
@@ -52,6 +52,9 @@ ALGORITHMS = {
     "matching": lambda: MatchingNetworks(Conv4(hidden_channels=8), fce=True, fce_steps=2),
     "maml-learned-opt": lambda: MAML(
         Conv4(hidden_channels=8, out_features=3), inner_steps=2, update_rule=LearnedOptimizer(hidden_size=4)
+    ),
+    "maml-metalstm": lambda: MAML(
+        Conv4(hidden_channels=8, out_features=3), inner_steps=2, update_rule=MetaLSTM(hidden_size=4)
     ),
     "cavia": lambda: CAVIA(Conv4(hidden_channels=8, out_features=3), context_size=4, condition="film", inner_steps=2),
     "relation": lambda: RelationNetworks(

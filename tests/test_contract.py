@@ -32,6 +32,7 @@ from lightning_meta.algorithms import (
 from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.models import MLP, Conv4, ResNet12
+from lightning_meta.update_rules import MetaLSTM
 from tests.helpers import SyntheticClassesDataModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +78,10 @@ SETUPS = {
         Reptile(MLP(), inner_lr=0.02, inner_optimizer="sgd"),
         SinusoidDataModule(tasks_per_batch=4),
     ),
+    "MetaLSTM-sinusoid": lambda: (  # MAML whose inner update is the Meta-Learner LSTM
+        MAML(MLP(hidden_sizes=[16]), inner_steps=2, update_rule=MetaLSTM(hidden_size=4)),
+        SinusoidDataModule(tasks_per_batch=4),
+    ),
     "CAVIA-sinusoid": lambda: (
         CAVIA(MLP(in_features=6), context_size=5, inner_steps=2),
         SinusoidDataModule(tasks_per_batch=4),
@@ -95,6 +100,9 @@ SETUPS = {
         SyntheticClassesDataModule(),
     ),
 }
+
+# Setups whose update rule with weights of its own is built by the caller and passed in.
+CALLER_BUILT_UPDATE_RULES = {"MetaLSTM-sinusoid"}
 
 CLI_CONFIGS = {
     "MAML": ["--config", "configs/sinusoid/maml.yaml", "--data.tasks_per_batch=4"],
@@ -200,8 +208,10 @@ def test_checkpoint_round_trip_gives_the_same_predictions(name, tmp_path):
     trainer.save_checkpoint(path)
     batch = next(iter(dm.val_dataloader()))
     expected = eval_predictions(model, batch)
-    backbone = SETUPS[name]()[0].backbone  # fresh weights, overwritten by the checkpoint
-    restored = type(model).load_from_checkpoint(path, backbone=backbone)
+    fresh = SETUPS[name]()[0]  # fresh weights, overwritten by the checkpoint
+    # A module the caller builds (the CLI: from the config) is passed again, as the backbone is.
+    injected = {"update_rule": fresh.update_rule} if name in CALLER_BUILT_UPDATE_RULES else {}
+    restored = type(model).load_from_checkpoint(path, backbone=fresh.backbone, **injected)
     assert restored.hparams == model.hparams
     for got, want in zip(eval_predictions(restored, batch), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
