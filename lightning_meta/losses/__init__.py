@@ -3,7 +3,8 @@
 `CANDIDATES["classification"]` and `CANDIDATES["regression"]` map a name to a loss
 `(predictions, targets) -> scalar` (the mean over examples). `inner.py` makes the inner loss a
 component of the gradient-based learners (`inner_loss`): the task's own (`TaskLoss`, the
-default, unchanged numbers), a fixed candidate (`CandidateLoss`) or a learned one (`ML3Loss`).
+default, unchanged numbers), a fixed candidate (`CandidateLoss`) or a learned one (`ML3Loss`);
+`metal.py` holds MeTAL's task-adaptive loss (`MeTALLoss`).
 """
 
 from lightning_meta.losses.candidates import (
@@ -20,12 +21,14 @@ from lightning_meta.losses.candidates import (
     mse_one_hot,
 )
 from lightning_meta.losses.inner import CandidateLoss, InnerLoss, ML3Loss, TaskLoss
+from lightning_meta.losses.metal import MeTALLoss
 
 __all__ = [
     "CANDIDATES",
     "CandidateLoss",
     "InnerLoss",
     "ML3Loss",
+    "MeTALLoss",
     "TaskLoss",
     "cauchy",
     "cross_entropy",
