@@ -31,6 +31,7 @@ from lightning_meta.algorithms import (
 )
 from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
+from lightning_meta.losses import MeTALLoss
 from lightning_meta.models import MLP, Conv4, ResNet12
 from tests.helpers import SyntheticClassesDataModule
 
@@ -43,6 +44,15 @@ SETUPS = {
     ),
     "MAML-first-order": lambda: (
         MAML(Conv4(hidden_channels=8, out_features=3), inner_steps=2, first_order=True),
+        SyntheticClassesDataModule(),
+    ),
+    "MAML-metal": lambda: (  # MeTAL's task-adaptive inner loss (issue 15): its networks are meta-trained
+        MAML(
+            Conv4(hidden_channels=8, out_features=3),
+            inner_lr=0.4,
+            inner_steps=2,
+            inner_loss=MeTALLoss(ways=3, parameter_tensors=18, steps=2),
+        ),
         SyntheticClassesDataModule(),
     ),
     "MAML-sinusoid": lambda: (MAML(MLP(), inner_lr=0.01), SinusoidDataModule(tasks_per_batch=4)),

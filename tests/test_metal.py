@@ -197,3 +197,23 @@ def test_maml_with_metal_gives_the_same_meta_gradient_looped_and_vmapped():
     for (n, _), a, b in zip(model.named_parameters(), results["vmap"][1], results["loop"][1], strict=True):
         torch.testing.assert_close(a, b, **TOL, msg=n)
         assert b.abs().sum() > 0, n
+
+
+def test_the_predictor_is_metal_without_its_unlabelled_term():
+    metal = MeTALLoss(ways=WAYS, parameter_tensors=18, steps=2)
+    model = conv_maml(metal)
+    perturb(metal)
+    batch = conv_batch()
+    model.eval()
+    task = batch[0]
+    with_query_term = model(batch).predictions.detach()[0]
+    predicted = model.adapt_to(task.support_x, task.support_y)(task.query_x)
+    assert torch.isfinite(predicted).all()
+    assert not torch.allclose(predicted, with_query_term)  # evaluation uses the query inputs, adapt_to has none
+    with torch.no_grad():  # switch the query term off: evaluation and the predictor then agree
+        for network in metal.query:
+            network.output.weight.zero_()
+            network.offset_scale.zero_()
+    without_query_term = model(batch).predictions.detach()[0]
+    predicted = model.adapt_to(task.support_x, task.support_y)(task.query_x)
+    torch.testing.assert_close(predicted, without_query_term, rtol=1e-9, atol=1e-10)

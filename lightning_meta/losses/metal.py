@@ -23,8 +23,9 @@ Per inner step k the loss the inner loop descends is
 What this follows: the authors' reference code (github.com/baiksung/MeTAL,
 `few_shot_learning_system.py`, `MetaLossNetwork`, `LossAdapter`): the task-state entries, the
 standardisation, the per-step networks and generators, the zero-initialised multiplier and offset
-scales, and the inner loss CE + support term + query term (the paper's equations write the inner
-loss as the learned terms; the code adds the plain cross-entropy, and so does this).
+scales (the code's `multiplier_bias`, `offset_bias`: zeros that multiply the generated values,
+so the generators themselves start at PyTorch's default initialisation), and the inner loss as
+the code computes it: plain cross-entropy + support term + query term.
 
 What differs from the paper and its code:
 
@@ -44,6 +45,13 @@ What differs from the paper and its code:
   BatchNorm parameters out of the inner loop and so out of the state.
 - The support and query inputs go through the network in two passes, not one: with BatchNorm
   on batch statistics the support logits (and so the cross-entropy) are the plain task loss's.
+- Without query inputs (`adapt_to(support_x, support_y)`, which adapts before any query
+  exists, and so `predict_step`) the unlabelled term is left out: such predictions are MeTAL
+  without its transductive term, while validation and test (which hand the inner loop the
+  query inputs) use it. Evaluate through the Trainer to get the paper's method.
+- Second order only, as the paper: its networks are meta-trained through the inner gradient,
+  which first-order MAML detaches (they would then get no meta-gradient and stay at their
+  initialisation: with `start_as_task_loss=True`, plain first-order MAML).
 - Classification only (the one-hot label and the entropy are class quantities), as the paper.
 
 Torch only (`DESIGN.md`). Pure tensor code per task: proven equal under `torch.func.vmap` and
@@ -155,7 +163,6 @@ class MeTALLoss(InnerLoss):
                 f"MeTALLoss was built for ways={self.ways} but the predictions have {support_logits.shape[-1]} "
                 f"classes: set its `ways` to {support_logits.shape[-1]}"
             )
-        query_logits = predict(task.query_x)
         cross_entropy = F.cross_entropy(support_logits, labels)
         means = torch.stack([p.mean() for p in params.values()]).to(support_logits.dtype)
 
@@ -165,7 +172,10 @@ class MeTALLoss(InnerLoss):
         u = torch.cat([state.expand(n_support, -1), support_logits, one_hot], dim=-1)
         support_term = self.support[k](_standardise(u), _standardise(state)).mean()
 
+        if task.query_x.shape[0] == 0:  # no query inputs (`adapt_to`): no unlabelled term
+            return cross_entropy + support_term
         # Unlabelled query term: the query inputs' logits and negative entropies, no labels.
+        query_logits = predict(task.query_x)
         log_p = F.log_softmax(query_logits, dim=-1)
         negative_entropy = (log_p.exp() * log_p).sum(-1, keepdim=True)
         v = _standardise(torch.cat([means.expand(query_logits.shape[0], -1), query_logits, negative_entropy], dim=-1))
