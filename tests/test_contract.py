@@ -210,8 +210,10 @@ def test_checkpoint_round_trip_gives_the_same_predictions(name, tmp_path):
     trainer.save_checkpoint(path)
     batch = next(iter(dm.val_dataloader()))
     expected = eval_predictions(model, batch)
-    backbone = SETUPS[name]()[0].backbone  # fresh weights, overwritten by the checkpoint
-    restored = type(model).load_from_checkpoint(path, backbone=backbone)
+    fresh = SETUPS[name]()[0]  # fresh weights, overwritten by the checkpoint
+    # Modules are not hyperparameters: a learned inner loss (MeTAL's networks) is passed like the backbone.
+    modules = {"inner_loss": fresh.inner_loss} if getattr(fresh, "inner_loss", None) is not None else {}
+    restored = type(model).load_from_checkpoint(path, backbone=fresh.backbone, **modules)
     assert restored.hparams == model.hparams
     for got, want in zip(eval_predictions(restored, batch), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
