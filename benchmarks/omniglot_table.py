@@ -68,6 +68,7 @@ METHODS = {  # table name: config name under configs/omniglot_*/ and configs/lak
 OTHER_METHODS = {  # run with --methods; the default table stays the one above
     "MAML": "maml",
     "CAVIA": "cavia",
+    "MAML + MeTAL": "maml_metal",
 }
 CONFIGS = METHODS | OTHER_METHODS
 PUBLISHED = {  # accuracy %, 1-shot, Vinyals split: the papers' Table 1
@@ -84,6 +85,7 @@ PUBLISHED = {  # accuracy %, 1-shot, Vinyals split: the papers' Table 1
     ("MAML", "5w1s"): "98.7 (Finn et al.)",
     ("MAML", "20w1s"): "95.8 (Finn et al.)",
     ("CAVIA", "5w1s"): "— (no Omniglot number)",
+    ("MAML + MeTAL", "5w1s"): "— (no Omniglot number; mini-ImageNet 52.63 vs MAML 49.64)",
 }
 LAKE_PUBLISHED = "Siamese convnet (Koch et al.) 8.0%, people 4.5%, BPL 3.3%"
 PUBLISHED_PROTOCOL = {  # the protocol of the published numbers (configs' headers say where it was read)
@@ -94,6 +96,7 @@ PUBLISHED_PROTOCOL = {  # the protocol of the published numbers (configs' header
     "first-order MAML": "transductive",
     "MAML": "transductive",
     "CAVIA": "transductive (its code's BatchNorm on batch statistics)",
+    "MAML + MeTAL": "transductive (its code's BatchNorm on batch statistics); mini-ImageNet, 5 inner steps",
 }
 
 

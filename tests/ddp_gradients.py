@@ -24,6 +24,7 @@ from lightning_meta.algorithms import (
     Reptile,
     Siamese,
 )
+from lightning_meta.losses import MeTALLoss
 from lightning_meta.models import Conv4
 from lightning_meta.update_rules import LearnedOptimizer, MetaLSTM
 from tests.helpers import SyntheticClassesDataModule
@@ -55,6 +56,12 @@ ALGORITHMS = {
     ),
     "maml-metalstm": lambda: MAML(
         Conv4(hidden_channels=8, out_features=3), inner_steps=2, update_rule=MetaLSTM(hidden_size=4)
+    ),
+    "maml-metal": lambda: MAML(
+        Conv4(hidden_channels=8, out_features=3),
+        inner_lr=0.4,
+        inner_steps=2,
+        inner_loss=MeTALLoss(ways=3, parameter_tensors=18, steps=2),
     ),
     "cavia": lambda: CAVIA(Conv4(hidden_channels=8, out_features=3), context_size=4, condition="film", inner_steps=2),
     "relation": lambda: RelationNetworks(

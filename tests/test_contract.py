@@ -31,6 +31,7 @@ from lightning_meta.algorithms import (
 )
 from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
+from lightning_meta.losses import MeTALLoss
 from lightning_meta.models import MLP, Conv4, ResNet12
 from lightning_meta.update_rules import MetaLSTM
 from tests.helpers import SyntheticClassesDataModule
@@ -44,6 +45,15 @@ SETUPS = {
     ),
     "MAML-first-order": lambda: (
         MAML(Conv4(hidden_channels=8, out_features=3), inner_steps=2, first_order=True),
+        SyntheticClassesDataModule(),
+    ),
+    "MAML-metal": lambda: (  # MeTAL's task-adaptive inner loss (issue 15): its networks are meta-trained
+        MAML(
+            Conv4(hidden_channels=8, out_features=3),
+            inner_lr=0.4,
+            inner_steps=2,
+            inner_loss=MeTALLoss(ways=3, parameter_tensors=18, steps=2),
+        ),
         SyntheticClassesDataModule(),
     ),
     "MAML-sinusoid": lambda: (MAML(MLP(), inner_lr=0.01), SinusoidDataModule(tasks_per_batch=4)),
@@ -209,8 +219,11 @@ def test_checkpoint_round_trip_gives_the_same_predictions(name, tmp_path):
     batch = next(iter(dm.val_dataloader()))
     expected = eval_predictions(model, batch)
     fresh = SETUPS[name]()[0]  # fresh weights, overwritten by the checkpoint
-    # A module the caller builds (the CLI: from the config) is passed again, as the backbone is.
+    # Modules the caller builds (the CLI: from the config) are passed again, as the backbone is: an
+    # update rule with weights of its own, a learned inner loss (MeTAL's networks).
     injected = {"update_rule": fresh.update_rule} if name in CALLER_BUILT_UPDATE_RULES else {}
+    if getattr(fresh, "inner_loss", None) is not None:
+        injected["inner_loss"] = fresh.inner_loss
     restored = type(model).load_from_checkpoint(path, backbone=fresh.backbone, **injected)
     assert restored.hparams == model.hparams
     for got, want in zip(eval_predictions(restored, batch), expected, strict=True):

@@ -48,6 +48,7 @@ def meta_gradient(algorithm: str, devices: int, tasks_per_batch: int, out: Path)
         "cavia",
         "maml-learned-opt",
         "maml-metalstm",
+        "maml-metal",
     ],
 )
 def test_ddp_meta_gradient_equals_single_process_gradient_on_the_union_of_tasks(algorithm, tmp_path):

@@ -46,8 +46,13 @@ def trained_a_little(name: str) -> tuple[MetaLearner, TaskBatch]:
     return model, float64_batch(next(iter(dm.val_dataloader())))
 
 
+# MeTAL's inner loss has an unlabelled term over the query inputs, which `adapt_to` adapts before
+# it has: its predictor is MeTAL without that term (tests/test_metal.py checks that one instead).
+QUERY_INPUTS_IN_THE_INNER_LOOP = {"MAML-metal"}
+
+
 @pytest.mark.parametrize("protocol", ["transductive", "per_example"])
-@pytest.mark.parametrize("name", sorted(SETUPS))
+@pytest.mark.parametrize("name", sorted(set(SETUPS) - QUERY_INPUTS_IN_THE_INNER_LOOP))
 def test_the_predictor_gives_the_evaluation_outputs(name, protocol):
     model, batch = trained_a_little(name)
     model.eval_protocol = protocol

@@ -3,7 +3,8 @@
 `CANDIDATES["classification"]` and `CANDIDATES["regression"]` map a name to a loss
 `(predictions, targets) -> scalar` (the mean over examples). `inner.py` makes the inner loss a
 component of the gradient-based learners (`inner_loss`): the task's own (`TaskLoss`, the
-default, unchanged numbers), a fixed candidate (`CandidateLoss`) or a learned one (`ML3Loss`).
+default, unchanged numbers), a fixed candidate (`CandidateLoss`) or a learned one (`ML3Loss`);
+`metal.py` holds MeTAL's task-adaptive loss (`MeTALLoss`).
 """
 
 from lightning_meta.losses.candidates import (
@@ -20,6 +21,7 @@ from lightning_meta.losses.candidates import (
     mse_one_hot,
 )
 from lightning_meta.losses.inner import CandidateLoss, InnerLoss, ML3Loss, TaskLoss
+from lightning_meta.losses.metal import MeTALLoss
 from lightning_meta.losses.selection import BanditLoss, MixtureLoss, PolicyLoss
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "CandidateLoss",
     "InnerLoss",
     "ML3Loss",
+    "MeTALLoss",
     "MixtureLoss",
     "PolicyLoss",
     "TaskLoss",
