@@ -63,6 +63,41 @@ def quadratic(seed: int = 0, dim: int = 3):
     return loss, theta0
 
 
+class ForcedSGD(LearnedOptimizer):
+    """The learned optimizer with its LSTM's proposal forced to −α·g."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__(hidden_size=2, layers=1)
+        self.lr = lr
+
+    def propose(self, flat_grads, state):
+        return -self.lr * flat_grads, state
+
+
+def test_a_learned_optimizer_forced_to_minus_alpha_g_is_sgd_exactly(float64):
+    """Its plumbing (flatten, split, state, the step added) is SGD's: same trajectory and meta-gradient."""
+    torch.manual_seed(0)
+    batch = next(iter(SinusoidDataModule(shots=5, query_shots=5, tasks_per_batch=3).train_dataloader()))
+    batch = type(batch)(**{k: v.double() for k, v in vars(batch).items()})
+    sgd = MAML(MLP(hidden_sizes=[8, 8]), inner_lr=0.05, inner_steps=3)
+    forced = MAML(MLP(hidden_sizes=[8, 8]), inner_steps=3, update_rule=ForcedSGD(0.05))
+    forced.backbone.load_state_dict(sgd.backbone.state_dict())
+    results = []
+    for model in (sgd, forced):
+        model.train()
+        trajectory = model.adapt(batch[0], 3)
+        loss = model(batch).loss.mean()
+        grads = torch.autograd.grad(loss, list(model.backbone.parameters()))
+        results.append((trajectory, loss, grads))
+    (t_sgd, l_sgd, g_sgd), (t_forced, l_forced, g_forced) = results
+    for a, b in zip(t_sgd, t_forced, strict=True):
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-12)
+    torch.testing.assert_close(l_forced, l_sgd, rtol=0, atol=1e-12)
+    for a, b in zip(g_sgd, g_forced, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
 def test_meta_gradients_through_the_unroll_pass_gradcheck(float64):
     torch.manual_seed(0)
     rule = LearnedOptimizer(hidden_size=3, output_scale=0.3)

@@ -71,18 +71,22 @@ class LearnedOptimizer(UpdateRule):
         zeros = ref.new_zeros(sum(p.numel() for p in params.values()), self.hidden_size)
         return tuple((zeros, zeros) for _ in self.cells)
 
-    def forward(self, params: Params, grads: Params, state: LSTMState, step: int) -> tuple[Params, LSTMState]:
-        flat = torch.cat([grads[n].reshape(-1) for n in params])
-        x = preprocess_gradients(flat, self.preprocess_p).to(self.output.weight.dtype)
+    def propose(self, flat_grads: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """Every coordinate's step `[n]` from its gradient `[n]`, and the LSTM's next state."""
+        x = preprocess_gradients(flat_grads, self.preprocess_p).to(self.output.weight.dtype)
         new_state = []
         for cell, hc in zip(self.cells, state, strict=True):
             h, c = cell(x, hc)
             new_state.append((h, c))
             x = h
-        update = self.output_scale * self.output(x).squeeze(-1)
+        return self.output_scale * self.output(x).squeeze(-1), tuple(new_state)
+
+    def forward(self, params: Params, grads: Params, state: LSTMState, step: int) -> tuple[Params, LSTMState]:
+        flat = torch.cat([grads[n].reshape(-1) for n in params])
+        update, new_state = self.propose(flat, state)
         sizes = [p.numel() for p in params.values()]
         steps = dict(zip(params, update.split(sizes), strict=True))
-        return {n: p + steps[n].view_as(p) for n, p in params.items()}, tuple(new_state)
+        return {n: p + steps[n].view_as(p) for n, p in params.items()}, new_state
 
 
 def detached(value: object) -> object:
