@@ -119,7 +119,6 @@ class Recording(InnerLoss):
     def forward(self, params, task, predict, step):
         self.steps.append(step)
         self.query_labels.append(task.query_y.numel())
-        assert task.query_x.shape[0] > 0 or isinstance(task.query_x, torch.Tensor)
         predictions = predict(task.support_x)
         if torch.is_floating_point(task.support_y):
             return F.mse_loss(predictions, task.support_y)

@@ -38,6 +38,32 @@ def split_augment(augment: Augmentation | None, split: str) -> Augmentation | No
     return None
 
 
+def few_shot_sources(
+    splits: dict[str, ClassDataset],
+    name: str,
+    ways: int,
+    train_ways: int,
+    shots: int,
+    query_shots: int,
+    eval_query_shots: int,
+    augment: Augmentation | None = None,
+) -> dict[str, TaskSource]:
+    """N-way K-shot task sources over train / val / test classes: training tasks `train_ways`-way
+    with `query_shots` queries and the augmentation, the others `ways`-way with `eval_query_shots`
+    (augmented only with `augment.eval_tasks`). `name` names the splits in error messages."""
+    return {
+        split: FewShotTasks(
+            classes,
+            train_ways if split == "train" else ways,
+            shots,
+            query_shots if split == "train" else eval_query_shots,
+            name=name.format(split=split),
+            augment=split_augment(augment, split),
+        )
+        for split, classes in splits.items()
+    }
+
+
 class ResumableLoader(DataLoader):
     """The training DataLoader, resumable mid-epoch: its state is the global index of the next
     meta-batch to train on, read from the trainer's progress when a checkpoint is written.
@@ -316,17 +342,16 @@ class OmniglotDataModule(EpisodicDataModule):
         splits = omniglot_splits(
             root=self.root, cache_dir=self.cache_dir, download=self.download, train_split=self.train_split
         )
-        sources: dict[str, TaskSource] = {
-            split: FewShotTasks(
-                splits[split],
-                self.train_ways if split == "train" else self.ways,
-                self.shots,
-                self.query_shots if split == "train" else self.eval_query_shots,
-                name=f"omniglot {split} split",
-                augment=split_augment(self.augment, split),
-            )
-            for split in ("train", "val", "test")
-        }
+        sources = few_shot_sources(
+            {split: splits[split] for split in ("train", "val", "test")},
+            "omniglot {split} split",
+            self.ways,
+            self.train_ways,
+            self.shots,
+            self.query_shots,
+            self.eval_query_shots,
+            self.augment,
+        )
         if self.label_noise:
             sources = {k: LabelNoiseTasks(v, self.label_noise, self.flip_rate) for k, v in sources.items()}
         return sources
@@ -415,14 +440,16 @@ class FewShotDataModule(EpisodicDataModule):
 
     def build_sources(self) -> dict[str, TaskSource]:
         return {
-            split: FewShotTasks(
-                classes,
-                self.train_ways if split == "train" else self.ways,
+            split: few_shot_sources(
+                {split: classes},
+                f"data.{{split}} ({type(classes).__name__})",
+                self.ways,
+                self.train_ways,
                 self.shots,
-                self.query_shots if split == "train" else self.eval_query_shots,
-                name=f"data.{split} ({type(classes).__name__})",
-                augment=split_augment(self.augment, split),
-            )
+                self.query_shots,
+                self.eval_query_shots,
+                self.augment,
+            )[split]
             for split, classes in self.classes.items()
         }
 

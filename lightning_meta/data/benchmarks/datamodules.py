@@ -2,7 +2,7 @@
 CIFAR-FS, FC100 and CUB-200-2011.
 
 Each lists the shared arguments again on purpose (the typed signature is the YAML schema and the
-`--help`, as `OmniglotDataModule`); what they share is one function, `image_task_sources`.
+`--help`, as `OmniglotDataModule`); what they share is `ImageTaskArgs` and `few_shot_sources`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightning_meta.data.augment import Augmentation
-from lightning_meta.data.base import FewShotTasks, TaskSource
+from lightning_meta.data.base import TaskSource
 from lightning_meta.data.benchmarks.cifar import cifar_fs_splits, fc100_splits
 from lightning_meta.data.benchmarks.cub import cub_splits
 from lightning_meta.data.benchmarks.miniimagenet import miniimagenet_splits
 from lightning_meta.data.benchmarks.tiered import tiered_imagenet_splits
-from lightning_meta.data.datamodule import EpisodicDataModule, check_positive, split_augment
+from lightning_meta.data.datamodule import EpisodicDataModule, check_positive, few_shot_sources
 from lightning_meta.data.images import ImageClasses
 
 __all__ = [
@@ -26,34 +26,9 @@ __all__ = [
     "ImageTaskArgs",
     "MiniImageNetDataModule",
     "TieredImageNetDataModule",
-    "image_task_sources",
 ]
 
 SplitsFn = Callable[..., dict[str, ImageClasses]]
-
-
-def image_task_sources(
-    splits: dict[str, ImageClasses],
-    name: str,
-    ways: int,
-    train_ways: int,
-    shots: int,
-    query_shots: int,
-    eval_query_shots: int,
-    augment: Augmentation | None,
-) -> dict[str, TaskSource]:
-    """N-way K-shot task sources over a benchmark's train / val / test classes."""
-    return {
-        split: FewShotTasks(
-            splits[split],
-            train_ways if split == "train" else ways,
-            shots,
-            query_shots if split == "train" else eval_query_shots,
-            name=f"{name} {split} split",
-            augment=split_augment(augment, split),
-        )
-        for split in ("train", "val", "test")
-    }
 
 
 @dataclass(frozen=True)
@@ -84,9 +59,9 @@ class ImageTaskArgs:
     def sources(self, reader: SplitsFn, name: str) -> dict[str, TaskSource]:
         """Read the benchmark's splits with `reader` and make their task sources."""
         splits = reader(root=self.root, cache_dir=self.cache_dir, download=self.download, image_size=self.image_size)
-        return image_task_sources(
-            splits,
-            name,
+        return few_shot_sources(
+            {split: splits[split] for split in ("train", "val", "test")},
+            f"{name} {{split}} split",
             self.ways,
             self.train_ways,
             self.shots,
