@@ -11,6 +11,7 @@ from lightning_meta.algorithms.maml import MAML
 from lightning_meta.algorithms.mamlpp import MAMLPlusPlus
 from lightning_meta.algorithms.matching import MatchingNetworks
 from lightning_meta.algorithms.metasgd import MetaSGD
+from lightning_meta.algorithms.pearl import PEARL
 from lightning_meta.algorithms.protonet import ProtoNet
 from lightning_meta.algorithms.relation import RelationNetworks
 from lightning_meta.algorithms.reptile import Reptile
@@ -22,6 +23,7 @@ __all__ = [
     "ANIL",
     "CAVIA",
     "MAML",
+    "PEARL",
     "RL2",
     "MAMLPlusPlus",
     "MatchingNetworks",

@@ -48,15 +48,23 @@ class TaskSpecStream(Dataset):
         family: the task family.
         seed: the stream's seed.
         stream: TRAIN, VAL or TEST.
+        pool: None: a fresh task for every index. N: the stream cycles through a fixed pool of
+            N tasks (PEARL's protocol: a finite set of training tasks, each visited again and
+            again, so per-task replay buffers fill up): index i gets the task of index i mod N
+            and keeps its own trial and action noise.
     """
 
-    def __init__(self, family: TaskFamily, seed: int, stream: int) -> None:
-        self.family, self.seed, self.stream = family, seed, stream
+    def __init__(self, family: TaskFamily, seed: int, stream: int, pool: int | None = None) -> None:
+        if pool is not None and pool < 1:
+            raise ValueError(f"pool={pool} must be a positive number of tasks, or None for a fresh task per index")
+        self.family, self.seed, self.stream, self.pool = family, seed, stream, pool
 
     def __getitem__(self, indices: Sequence[int]) -> TaskSpecBatch:
         specs = []
         for i in indices:
             spec = sample_spec(self.family, task_rng(self.seed, self.stream, i))
+            if self.pool is not None and i >= self.pool:
+                spec.tasks = sample_spec(self.family, task_rng(self.seed, self.stream, i % self.pool)).tasks
             spec.index[0] = i
             specs.append(spec)
         return stack_specs(specs)
@@ -75,6 +83,9 @@ class RLTaskDataModule(EpisodicDataModule):
         seed: see `EpisodicDataModule`.
         eval_seed: see `EpisodicDataModule`.
         num_workers: see `EpisodicDataModule`.
+        train_pool: None: every training index a fresh task. N: training cycles through a fixed
+            pool of N tasks (`TaskSpecStream`'s `pool`; PEARL). Validation and test always use
+            their own fixed seeded tasks.
     """
 
     def __init__(
@@ -88,6 +99,7 @@ class RLTaskDataModule(EpisodicDataModule):
         seed: int = 0,
         eval_seed: int = 0,
         num_workers: int = 0,
+        train_pool: int | None = None,
     ) -> None:
         super().__init__(
             tasks_per_batch,
@@ -100,6 +112,9 @@ class RLTaskDataModule(EpisodicDataModule):
             num_workers,
         )
         self.family = family
+        if train_pool is not None and train_pool < 1:
+            raise ValueError(f"train_pool={train_pool} must be a positive number of tasks, or None")
+        self.train_pool = train_pool
 
     def build_sources(self) -> dict[str, TaskSource]:
         return {}  # tasks come from `family` (`_loader`), not from a supervised task source
@@ -111,7 +126,12 @@ class RLTaskDataModule(EpisodicDataModule):
         if isinstance(sampler, MetaBatchSampler):
             loader_class, extra = ResumableLoader, {"trainer": trainer}
         return loader_class(
-            TaskSpecStream(self.family, self.eval_seed if stream != TRAIN else self.seed, stream),
+            TaskSpecStream(
+                self.family,
+                self.eval_seed if stream != TRAIN else self.seed,
+                stream,
+                self.train_pool if stream == TRAIN else None,
+            ),
             batch_size=None,
             sampler=sampler,
             num_workers=self.num_workers,
