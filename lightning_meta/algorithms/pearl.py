@@ -242,8 +242,8 @@ class PEARL(MetaRLLearner):
     # ---------------------------------------------------------------- inference over z
 
     def context_vectors(self, data: dict[str, Tensor]) -> Tensor:
-        """Transitions `[..., field]` -> context inputs `[..., context_dim]`."""
-        parts = [data["obs"], data["action"], data["reward"][..., None]]
+        """Transitions `[..., field]` -> context inputs `[..., context_dim]` (actions normalised by the bound)."""
+        parts = [data["obs"], data["action"] / self.policy.scale, data["reward"][..., None]]
         if self.use_next_obs:
             parts.append(data["next_obs"])
         return torch.cat(parts, -1)
@@ -352,16 +352,16 @@ class PEARL(MetaRLLearner):
     # ---------------------------------------------------------------- losses
 
     def _q(self, net: nn.Module, obs: Tensor, action: Tensor, z: Tensor, detached: bool = False) -> Tensor:
-        x = torch.cat([obs, action, z], -1)
+        x = torch.cat([obs, action / self.policy.scale, z], -1)  # actions normalised to [-1, 1], as the actor's
         if detached:  # the actor's gradient reaches the action, not the critic's weights
             return functional_call(net, {k: v.detach() for k, v in net.named_parameters()}, (x,)).squeeze(-1)
         return net(x).squeeze(-1)
 
-    def sac_loss(
+    def sac_losses(
         self, batch: dict[str, Tensor], context: Tensor, z_eps: Tensor, eps: Tensor, next_eps: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The summed loss of one gradient step on `tasks` tasks: critics (through z into the
-        encoder), KL, actor and temperature. `batch` fields `[tasks, batch, ...]`, `context`
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The losses of one gradient step, by name (critic: through z into the encoder too; kl;
+        actor; alpha if learned), and statistics. `batch` fields `[tasks, batch, ...]`, `context`
         `[tasks, context_batch, context_dim]`, `z_eps` `[tasks, latent]`, `eps`/`next_eps`
         `[tasks, batch, actions]` (the reparameterisation noise of the actor's samples)."""
         mean, var = self.posterior(context)
@@ -378,31 +378,38 @@ class PEARL(MetaRLLearner):
             )
             target = self.reward_scale * reward + self.discount * (next_q - alpha * next_log_prob)
         q1, q2 = self._q(self.q1, obs, action, z_rep), self._q(self.q2, obs, action, z_rep)
-        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        losses = {"critic": F.mse_loss(q1, target) + F.mse_loss(q2, target)}
         kl = kl_to_standard_normal(mean, var)
         world = self.trainer.world_size if self._trainer is not None else 1
-        kl_loss = self.kl_weight * kl.sum() * world  # a sum over the global meta-batch (oyster), DDP averages
+        losses["kl"] = self.kl_weight * kl.sum() * world  # a sum over the global meta-batch (oyster); DDP averages
         new_action, log_prob, pre_mean, log_std = self.policy(torch.cat([obs, zd], -1), eps)
         q_new = torch.minimum(
             self._q(self.q1, obs, new_action, zd, detached=True), self._q(self.q2, obs, new_action, zd, detached=True)
         )
-        actor_loss = (alpha * log_prob - q_new).mean()
-        actor_loss = actor_loss + self.policy_mean_weight * (pre_mean**2).mean()
-        actor_loss = actor_loss + self.policy_std_weight * (log_std**2).mean()
-        loss = critic_loss + kl_loss + actor_loss
+        losses["actor"] = (
+            (alpha * log_prob - q_new).mean()
+            + self.policy_mean_weight * (pre_mean**2).mean()
+            + self.policy_std_weight * (log_std**2).mean()
+        )
         if self.learn_alpha:
-            alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-            loss = loss + alpha_loss
+            losses["alpha"] = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
         stats = {
-            "critic_loss": critic_loss.detach(),
-            "actor_loss": actor_loss.detach(),
+            "critic_loss": losses["critic"].detach(),
+            "actor_loss": losses["actor"].detach(),
             "kl": kl.mean().detach(),
             "alpha": alpha,
             "entropy": -log_prob.mean().detach(),
             "q": q1.mean().detach(),
             "z_var": var.mean().detach(),
         }
-        return loss, stats
+        return losses, stats
+
+    def sac_loss(
+        self, batch: dict[str, Tensor], context: Tensor, z_eps: Tensor, eps: Tensor, next_eps: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The sum of `sac_losses` (one backward trains every part) and the statistics."""
+        losses, stats = self.sac_losses(batch, context, z_eps, eps, next_eps)
+        return sum(losses.values()), stats
 
     def gradient_batch(self, slots: list[int]) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor]:
         """Draw one gradient step's data for `slots` from their buffers and generators."""
@@ -447,9 +454,9 @@ class PEARL(MetaRLLearner):
         pick = torch.randperm(len(held), generator=self.rank_generator)[: self.meta_batch]
         return sorted(held[i] for i in pick.tolist())
 
-    def training_step(self, batch: TaskSpecBatch, batch_idx: int) -> None:
-        slots = self.slots_of(batch)
-        tasks = self._cast_tasks(batch.tasks)
+    def collect_step(self, tasks: Tasks, slots: list[int]) -> tuple[Tensor, Tensor | None]:
+        """A training step's data collection for `slots` (see the module docstring): the mean
+        episode return of each task with z from the prior, and from the posterior (or None)."""
         new = [i for i, s in enumerate(slots) if s not in self.replay]
         if new and self.initial_episodes > 0:
             sub = {k: v[new] for k, v in tasks.items()}
@@ -457,8 +464,15 @@ class PEARL(MetaRLLearner):
         for s in slots:
             self.context.pop(s, None)  # the context buffer holds this step's prior data only
         prior_return = self.collect(tasks, slots, self.prior_episodes, posterior=False, to_context=True)
+        posterior_return = None
         if self.posterior_episodes > 0:
             posterior_return = self.collect(tasks, slots, self.posterior_episodes, posterior=True, to_context=False)
+        return prior_return, posterior_return
+
+    def training_step(self, batch: TaskSpecBatch, batch_idx: int) -> None:
+        slots = self.slots_of(batch)
+        prior_return, posterior_return = self.collect_step(self._cast_tasks(batch.tasks), slots)
+        if posterior_return is not None:
             self.log("train/return_posterior", posterior_return.mean(), batch_size=len(slots))
         optimizers = self.optimizers()
         for _ in range(self.gradient_steps):
