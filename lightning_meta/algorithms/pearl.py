@@ -160,6 +160,9 @@ class PEARL(MetaRLLearner):
         optimizer: builds each of the four optimizers (encoder, actor, critics, α); default Adam.
     """
 
+    reports_last_episode = True
+    """`{stage}/return` is the last episode's (after adaptation; MetaRLLearner), not the trial's."""
+
     def __init__(
         self,
         family: TaskFamily,
