@@ -48,9 +48,10 @@ def main() -> None:
             returns = run(spec.tasks, spec.noise).double()
             seconds = time.perf_counter() - t0
             mean, ci = mean_and_ci95(returns)
+            per_step = seconds / (args.tasks * args.horizon) * 1e6
             rows.append(
-                f"| {type(family).__name__} | {name} | {mean:.2f} ± {ci:.2f} | {returns.min():.2f} … {returns.max():.2f}"
-                f" | {seconds:.1f} s ({seconds / (args.tasks * args.horizon) * 1e6:.0f} µs/step) |"
+                f"| {type(family).__name__} | {name} | {mean:.2f} ± {ci:.2f}"
+                f" | {returns.min():.2f} … {returns.max():.2f} | {seconds:.1f} s ({per_step:.0f} µs/step) |"
             )
             print(rows[-1], flush=True)
     total = time.perf_counter() - start
