@@ -193,7 +193,7 @@ class RL2(MetaRLLearner):
                 out, hidden = self.gru(x[None], hidden)
                 logits, value = self.heads(out[0])
                 if self.discrete:
-                    action = sample_categorical(F.softmax(logits, -1), batch.action_noise[:, episode, t])
+                    action = sample_categorical(F.log_softmax(logits, -1).exp(), batch.action_noise[:, episode, t])
                     env_action = action
                 else:
                     action = logits + self.log_std.exp() * normals[:, episode, t]
