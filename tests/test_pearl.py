@@ -363,3 +363,23 @@ def test_ddp_gradient_equals_one_process_on_the_union_of_tasks(tmp_path):
     for key in ("val/return", "val/return_first", "val/baseline/oracle"):
         assert abs(ddp["val"][key] - single["val"][key]) < 1e-5, key
     assert ddp["val"]["val/tasks"] == single["val"]["val/tasks"] == 5
+
+
+def test_pearl_collects_trains_and_evaluates_on_half_cheetah_vel():
+    """The full-scale config's family (mujoco extra): a collection, a loss that reaches every
+    trainable parameter, and an evaluation trial, at tiny sizes."""
+    pytest.importorskip("mujoco", reason="the mujoco extra: pip install lightning-meta[mujoco]")
+    from lightning_meta.envs import HalfCheetahVel
+
+    family = HalfCheetahVel(horizon=4, episodes=2)
+    torch.manual_seed(0)
+    model = PEARL(family, **TINY, learn_alpha=False)
+    spec = specs(family, 2)
+    model.collect_step(model._cast_tasks(spec.tasks), [0, 1])
+    assert model.replay[0]["obs"].shape == ((1 + 1 + 1) * 4, family.obs_dim)
+    loss, _ = model.sac_loss(*model.gradient_batch([0, 1]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert torch.isfinite(model.episode_returns(spec)).all()
