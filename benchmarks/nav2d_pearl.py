@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="logs/bench_pearl")
     parser.add_argument("--results", default=str(REPO / "benchmarks/results/nav2d_pearl"))
+    parser.add_argument("overrides", nargs="*", help="extra CLI options, e.g. --model.init_args.gradient_steps=100")
     args = parser.parse_args()
     budget = time.strftime("00:%H:%M:%S", time.gmtime(args.wall_minutes * 60))
     torch.set_num_threads(1)
@@ -92,6 +93,7 @@ def main() -> None:
             "--trainer.enable_progress_bar=false",
             f"--checkpoint.dirpath={args.out}/checkpoints",
             "--test_after_fit=false",
+            *args.overrides,
         ],
         run=False,
     )
@@ -124,8 +126,11 @@ def main() -> None:
         f"{cli.trainer.fit_loop.epoch_loop._batches_that_stepped} training steps of {data.tasks_per_batch} goals "
         f"from a pool of {data.train_pool}"
     )
+    if args.overrides:
+        header += "; overrides: " + " ".join(args.overrides)
     lines = [header, "", "| method | mean episode return ± 95% CI |", "|---|---|"]
     results = {
+        "overrides": args.overrides,
         "train_cpu_minutes": train_cpu / 60,
         "wall_minutes": wall / 60,
         "gradient_steps": steps,
