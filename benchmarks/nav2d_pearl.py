@@ -74,7 +74,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="logs/bench_pearl")
     parser.add_argument("--results", default=str(REPO / "benchmarks/results/nav2d_pearl"))
-    parser.add_argument("overrides", nargs="*", help="extra CLI options, e.g. --model.init_args.gradient_steps=100")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra CLI options after --, e.g. -- --model.init_args.gradient_steps=100"
+    )
     args = parser.parse_args()
     budget = time.strftime("00:%H:%M:%S", time.gmtime(args.wall_minutes * 60))
     torch.set_num_threads(1)
