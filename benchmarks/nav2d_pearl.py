@@ -113,8 +113,8 @@ def main() -> None:
     }
     rows = [
         ("PEARL, episode 1: z ~ prior (before adaptation)", episodes[:, 0]),
-        ("PEARL, episode 2: z ~ q(z | 1 episode)", episodes[:, 1]),
-        ("PEARL, episode 3: z ~ q(z | 2 episodes)", episodes[:, 2]),
+        ("PEARL, episode 2: z ~ q(z \\| 1 episode)", episodes[:, 1]),
+        ("PEARL, episode 3: z ~ q(z \\| 2 episodes)", episodes[:, 2]),
         ("stand still", per_episode["stand_still"]),
         ("oracle (straight to the goal)", per_episode["oracle"]),
     ]
