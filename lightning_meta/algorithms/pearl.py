@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -439,6 +440,11 @@ class PEARL(MetaRLLearner):
         return [self.optimizer(g) for g in groups]
 
     def on_fit_start(self) -> None:
+        if getattr(self.trainer.datamodule, "train_pool", None) is None:
+            rank_zero_warn(
+                "PEARL without a task pool: every training task is new, so each replay buffer is filled once and "
+                "never revisited, and buffers accumulate. Set data.init_args.train_pool (the paper: 100 tasks)."
+            )
         if self.rank_generator is None:
             self.rank_generator = _generator(_seed(self.seed, 2, self.global_rank))
 
