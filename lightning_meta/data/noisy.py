@@ -34,6 +34,9 @@ class LabelNoiseTasks(TaskSource):
         flip_rate: the share of a corrupted task's support labels that are flipped, in (0, 1].
     """
 
+    task_types = ("clean", "corrupted")
+    """The names of `sample_with_type`'s flag (False, True): per-task-type logs and reports."""
+
     def __init__(self, source: TaskSource, corrupt_fraction: float = 0.5, flip_rate: float = 0.2) -> None:
         self.check(corrupt_fraction, flip_rate)
         self.source, self.corrupt_fraction, self.flip_rate = source, corrupt_fraction, flip_rate
