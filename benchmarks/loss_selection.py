@@ -22,7 +22,9 @@ Two more modes (`--mode`), the same protocol:
 
     python benchmarks/loss_selection.py --steps 600                  # the README's loss run
     python benchmarks/loss_selection.py --mode lr --steps 400        # the README's lr run
-    python benchmarks/loss_selection.py --mode autoloss --steps 300  # the README's AutoLoss run
+    python benchmarks/loss_selection.py --mode autoloss --steps 300 --eval-steps 20  # the README's AutoLoss run
+    python benchmarks/loss_selection.py --mode autoloss --steps 300 --eval-steps 20 --tag _mixed \\
+        --override=--data.init_args.sparse_fraction=0.5    # half the tasks sparse (2 of 16 weights)
 """
 
 from __future__ import annotations
@@ -99,9 +101,9 @@ class Mode:
             f"--model.init_args.inner_loss.init_args.candidates=[{','.join(self.candidates)}]",
         ]
 
-    def build(self, method: str, steps: int, seed: int):
+    def build(self, method: str, steps: int, seed: int, overrides: list[str] = ()):
         args = ["--config", str(self.config), "--trainer.logger=false", f"--seed_everything={seed}"]
-        args += [f"--data.batches_per_epoch={max(1, steps // 10)}", *self.inner_loss_args(method)]
+        args += [f"--data.batches_per_epoch={max(1, steps // 10)}", *overrides, *self.inner_loss_args(method)]
         cli = run_cli(args, run=False)
         cli.model.task_batching = "loop"  # selectors run on the loop; the same path for every method
         return cli.model, cli.datamodule
@@ -152,6 +154,9 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=None, help="default: the candidates, the selectors, ML3")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--override", nargs="*", default=[], help="CLI overrides for every method, e.g. "
+                        "--override=--data.init_args.sparse_fraction=0.5")  # fmt: skip
+    parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -164,7 +169,7 @@ def main() -> None:
     results, kinds, type_names = {}, None, ()
     for method in args.methods:
         pl.seed_everything(args.seed, verbose=False)
-        model, data = mode.build(method, args.steps, args.seed)
+        model, data = mode.build(method, args.steps, args.seed, args.override)
         start = time.perf_counter()
         bare_trainer(max_steps=args.steps, accelerator="cpu").fit(model, datamodule=data)
         seconds = time.perf_counter() - start
@@ -184,7 +189,8 @@ def main() -> None:
             "names": fixed,
         }
 
-    lines = [caption(args, kinds, type_names), ""]
+    overrides = f" Overrides: {' '.join(args.override)}." if args.override else ""
+    lines = [caption(args, kinds, type_names) + overrides, ""]
     columns = [*(f"{t} tasks" for t in type_names), "all"] if len(type_names) > 1 else ["all tasks"]
     lines += [
         f"| inner {'learning rate' if args.mode == 'lr' else 'loss'} | {' | '.join(columns)} | "
@@ -211,7 +217,7 @@ def main() -> None:
         lines.append(f"| {method} | {' | '.join(cells)} | {shares} | {minutes} |")
     table = "\n".join(lines)
     print(table)
-    stem = "loss_selection" if args.mode == "loss" else f"loss_selection_{args.mode}"
+    stem = ("loss_selection" if args.mode == "loss" else f"loss_selection_{args.mode}") + args.tag
     (args.out / f"{stem}.md").write_text(table + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
                                                       "results": results}) + "\n")  # fmt: skip

@@ -250,3 +250,29 @@ def test_validation_logs_each_task_types_choices_to_csv(tmp_path):
     logged = validate([swapped], tmp_path / "swapped")
     assert logged["val/choice/corrupted/l1"] == pytest.approx(2 / 3)
     assert logged["val/choice/clean/mse"] == pytest.approx(4 / 5)
+
+
+def test_linear_regression_sparse_tasks_are_seeded_typed_and_fraction_zero_keeps_the_stream():
+    import numpy as np
+
+    mixed = LinearRegressionTasks(dim=16, shots=20, query_shots=5, sparse_fraction=0.5, sparse_active=2)
+    kinds = []
+    for i in range(40):
+        task, sparse = mixed.sample_with_type(task_rng(0, TRAIN, i))
+        _, w = mixed.sample_with_weights(task_rng(0, TRAIN, i))
+        assert int((w != 0).sum()) == (2 if sparse else 16)
+        kinds.append(sparse)
+    assert 10 < sum(kinds) < 30
+    # At 0 no type is drawn: the draw of before (w's support, w, x, noise from the task's generator).
+    plain = LinearRegressionTasks(dim=16, shots=20, query_shots=5, active=4)
+    rng = task_rng(0, TRAIN, 7)
+    w = np.zeros(16)
+    keep = rng.choice(16, size=4, replace=False)
+    w[keep] = rng.standard_normal(4)
+    x = rng.standard_normal((25, 16))
+    y = x @ w + np.sqrt(2.0) * rng.standard_normal(25)
+    task, flag = plain.sample_with_type(task_rng(0, TRAIN, 7))
+    assert not flag
+    assert torch.equal(task.query_y, torch.from_numpy(y).float().unsqueeze(-1)[20:])
+    with pytest.raises(ValueError, match="sparse_fraction=2"):
+        LinearRegressionTasks(sparse_fraction=2)

@@ -267,6 +267,9 @@ class LinearRegressionDataModule(EpisodicDataModule):
         query_shots: query points per task.
         noise_var: variance of the target noise (AutoLoss: 2).
         active: non-zero weights per task (default: dim, dense).
+        sparse_fraction: the share of "sparse" tasks (`sparse_active` non-zero weights; ours, not
+            AutoLoss's): two task types, logged apart. 0 (the default): AutoLoss's family.
+        sparse_active: non-zero weights of a sparse task.
         tasks_per_batch: see `EpisodicDataModule`.
         batches_per_epoch: see `EpisodicDataModule`.
         val_tasks: see `EpisodicDataModule`.
@@ -284,6 +287,8 @@ class LinearRegressionDataModule(EpisodicDataModule):
         query_shots: int = 200,
         noise_var: float = 2.0,
         active: int | None = None,
+        sparse_fraction: float = 0.0,
+        sparse_active: int = 2,
         tasks_per_batch: int = 25,
         batches_per_epoch: int = 100,
         val_tasks: int = 100,
@@ -303,7 +308,7 @@ class LinearRegressionDataModule(EpisodicDataModule):
             eval_seed,
             num_workers,
         )
-        self.family = LinearRegressionTasks(dim, shots, query_shots, noise_var, active)
+        self.family = LinearRegressionTasks(dim, shots, query_shots, noise_var, active, sparse_fraction, sparse_active)
 
     def build_sources(self) -> dict[str, TaskSource]:
         return {"train": self.family, "val": self.family, "test": self.family}
