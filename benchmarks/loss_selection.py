@@ -16,12 +16,14 @@ Two more modes (`--mode`), the same protocol:
 - `lr`: the second candidate axis. The inner loss stays MSE and the candidates are inner learning
   rates (`configs/sinusoid/maml_lr_selection.yaml`: step multipliers 0.1, 1, 3 of inner lr 0.01);
   a fixed candidate is plain MAML at that learning rate (inner lr 0.001, 0.01, 0.03).
+- `product`: both axes at once, (MSE or L1) × (0.001, 0.01, 0.03): six candidates, one selector.
 - `autoloss`: AutoLoss's regression task (`configs/linear_regression/maml_autoloss.yaml`: 16-d
   linear regression, 200 support points, noise variance 2), candidates MSE and MSE + 0.2·|w|_1.
   One task type.
 
     python benchmarks/loss_selection.py --steps 600                  # the README's loss run
     python benchmarks/loss_selection.py --mode lr --steps 400        # the README's lr run
+    python benchmarks/loss_selection.py --mode product --steps 400   # the README's loss × lr run
     python benchmarks/loss_selection.py --mode autoloss --steps 300 --eval-steps 20  # the README's AutoLoss run
     python benchmarks/loss_selection.py --mode autoloss --steps 300 --eval-steps 20 --tag _mixed \\
         --override=--data.init_args.sparse_fraction=0.5    # half the tasks sparse (2 of 16 weights)
@@ -69,18 +71,23 @@ class Mode:
         self.name = name
         if name == "loss":
             self.config, self.candidates = CONFIG, CANDIDATES
-        elif name == "lr":
-            self.config, self.candidates = LR_CONFIG, [f"mse@{s:g}" for s in LR_SCALES]
+        elif name in ("lr", "product"):
+            self.losses = ["mse"] if name == "lr" else ["mse", "l1"]
+            self.config, self.candidates = LR_CONFIG, [f"{loss}@{s:g}" for loss in self.losses for s in LR_SCALES]
         elif name == "autoloss":
             self.config, self.candidates = AUTOLOSS_CONFIG, AUTOLOSS_CANDIDATES
         else:
-            raise ValueError(f"--mode {name!r} must be loss, lr or autoloss")
+            raise ValueError(f"--mode {name!r} must be loss, lr, product or autoloss")
 
     def inner_loss_args(self, method: str) -> list[str]:
-        if self.name == "lr" and method in self.candidates:
-            # A fixed step size: plain MAML (the task's own MSE) at inner lr base × scale.
-            scale = float(method.split("@")[1])
-            return ["--model.init_args.inner_loss=null", f"--model.init_args.inner_lr={LR_BASE * scale!r}"]
+        if self.name in ("lr", "product") and method in self.candidates:
+            # A fixed (loss, step size): MAML with that inner loss at inner lr base × scale.
+            loss, scale = method.split("@")
+            return [
+                "--model.init_args.inner_loss=lightning_meta.losses.CandidateLoss",
+                f"--model.init_args.inner_loss.init_args.name={loss}",
+                f"--model.init_args.inner_lr={LR_BASE * float(scale)!r}",
+            ]
         if method in self.candidates:
             return [
                 "--model.init_args.inner_loss=lightning_meta.losses.CandidateLoss",
@@ -90,10 +97,10 @@ class Mode:
             return ["--model.init_args.inner_loss=lightning_meta.losses.ML3Loss"]
         if method not in SELECTORS:
             raise ValueError(f"method {method!r}: choose among {self.candidates}, {list(SELECTORS)} or ML3")
-        if self.name == "lr":
+        if self.name in ("lr", "product"):
             return [
                 f"--model.init_args.inner_loss={SELECTORS[method]}",
-                "--model.init_args.inner_loss.init_args.candidates=[mse]",
+                f"--model.init_args.inner_loss.init_args.candidates=[{','.join(self.losses)}]",
                 f"--model.init_args.inner_loss.init_args.lr_scales=[{','.join(map(str, LR_SCALES))}]",
             ]
         return [
@@ -148,7 +155,7 @@ def cell(values: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="loss", choices=["loss", "lr", "autoloss"])
+    parser.add_argument("--mode", default="loss", choices=["loss", "lr", "product", "autoloss"])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--eval-steps", type=int, default=10)
@@ -192,9 +199,9 @@ def main() -> None:
     overrides = f" Overrides: {' '.join(args.override)}." if args.override else ""
     lines = [caption(args, kinds, type_names) + overrides, ""]
     columns = [*(f"{t} tasks" for t in type_names), "all"] if len(type_names) > 1 else ["all tasks"]
+    axis = {"lr": "learning rate", "product": "loss @ lr scale"}.get(args.mode, "loss")
     lines += [
-        f"| inner {'learning rate' if args.mode == 'lr' else 'loss'} | {' | '.join(columns)} | "
-        f"test choices ({' / '.join(type_names)}) | train min |",
+        f"| inner {axis} | {' | '.join(columns)} | test choices ({' / '.join(type_names)}) | train min |",
         "|---|" + "---:|" * len(columns) + "---|---:|",
     ]
     names = fixed if "oracle" not in results else [*fixed, "oracle"]
@@ -235,11 +242,10 @@ def caption(args: argparse.Namespace, kinds: torch.Tensor, type_names: tuple[str
             f"model, {budget}, mean ± 95% CI. {oracle}"
         )
     counts = ", ".join(f"{int((kinds == t).sum())} {name}" for t, name in enumerate(type_names))
-    what = (
-        "inner learning rate chosen among 0.001 / 0.01 / 0.03 (MSE inner loss)"
-        if args.mode == "lr"
-        else "inner loss chosen among fixed candidates"
-    )
+    what = {
+        "lr": "inner learning rate chosen among 0.001 / 0.01 / 0.03 (MSE inner loss)",
+        "product": "(inner loss, inner learning rate) chosen among {MSE, L1} × {0.001, 0.01, 0.03}",
+    }.get(args.mode, "inner loss chosen among fixed candidates")
     return (
         f"Outlier-corrupted sines (half the tasks: Cauchy outliers × 5 on 30% of the support targets; queries "
         f"clean), MAML 1-40-40-1, {what}, {budget} ({counts}), mean ± 95% CI. {oracle}"
