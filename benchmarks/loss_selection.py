@@ -126,7 +126,7 @@ def test_tasks(data, count: int) -> tuple[list, torch.Tensor, tuple[str, ...]]:
         task, kind = typed(rng) if typed is not None else (family.sample(rng), 0)
         tasks.append(task)
         kinds.append(int(kind))
-    return tasks, torch.tensor(kinds), getattr(family, "task_types", ("all",))
+    return tasks, torch.tensor(kinds), getattr(family, "task_types", None) or ("all",)
 
 
 def query_mse(model, tasks: list, steps: int) -> tuple[torch.Tensor, list[int] | None]:

@@ -263,6 +263,8 @@ def test_linear_regression_sparse_tasks_are_seeded_typed_and_fraction_zero_keeps
         assert int((w != 0).sum()) == (2 if sparse else 16)
         kinds.append(sparse)
     assert 10 < sum(kinds) < 30
+    assert mixed.task_types == ("dense", "sparse")
+    assert TaskStream(mixed, seed=0, stream=VAL)[(0, 1, 2)].task_type is not None
     # At 0 no type is drawn: the draw of before (w's support, w, x, noise from the task's generator).
     plain = LinearRegressionTasks(dim=16, shots=20, query_shots=5, active=4)
     rng = task_rng(0, TRAIN, 7)
@@ -273,6 +275,7 @@ def test_linear_regression_sparse_tasks_are_seeded_typed_and_fraction_zero_keeps
     y = x @ w + np.sqrt(2.0) * rng.standard_normal(25)
     task, flag = plain.sample_with_type(task_rng(0, TRAIN, 7))
     assert not flag
+    assert plain.task_types is None and TaskStream(plain, seed=0, stream=VAL)[(0, 1)].task_type is None
     assert torch.equal(task.query_y, torch.from_numpy(y).float().unsqueeze(-1)[20:])
     with pytest.raises(ValueError, match="sparse_fraction=2"):
         LinearRegressionTasks(sparse_fraction=2)

@@ -92,9 +92,6 @@ class LinearRegressionTasks(TaskSource):
         sparse_active: non-zero weights of a sparse task.
     """
 
-    task_types = ("dense", "sparse")
-    """The names of `sample_with_type`'s flag (False, True)."""
-
     def __init__(
         self,
         dim: int = 16,
@@ -118,6 +115,12 @@ class LinearRegressionTasks(TaskSource):
             raise ValueError(f"data.sparse_fraction={sparse_fraction} must be in [0, 1] (the share of sparse tasks)")
         self.dim, self.shots, self.query_shots, self.noise_var, self.active = dim, shots, query_shots, noise_var, active
         self.sparse_fraction, self.sparse_active = sparse_fraction, sparse_active
+
+    @property
+    def task_types(self) -> tuple[str, ...] | None:
+        """The names of `sample_with_type`'s flag (False, True), or None with a single type
+        (`sparse_fraction=0`: batches are then not tagged)."""
+        return ("dense", "sparse") if self.sparse_fraction else None
 
     def sample_with_weights(self, rng: np.random.Generator) -> tuple[Task, np.ndarray]:
         """The task and its true weight vector."""

@@ -49,7 +49,7 @@ class TaskStream(Dataset):
 
     def __getitem__(self, indices: Sequence[int]) -> TaskBatch:
         typed = getattr(self.source, "sample_with_type", None)
-        if typed is None:
+        if typed is None or getattr(self.source, "task_types", None) is None:
             return TaskBatch.stack([self.task(i) for i in indices])
         # A family with task types (clean / corrupted) says each task's, for per-type reports;
         # `sample` is `sample_with_type(...)[0]`, so the tasks are the same either way.
