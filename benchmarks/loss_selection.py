@@ -161,8 +161,8 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=None, help="default: the candidates, the selectors, ML3")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--override", nargs="*", default=[], help="CLI overrides for every method, e.g. "
-                        "--override=--data.init_args.sparse_fraction=0.5")  # fmt: skip
+    parser.add_argument("--override", action="append", default=[], help="a CLI override for every method, e.g. "
+                        "--override=--data.init_args.sparse_fraction=0.5 (repeat for more)")  # fmt: skip
     parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
