@@ -19,7 +19,7 @@ Two more modes (`--mode`), the same protocol:
 - `product`: both axes at once, (MSE or L1) × (0.001, 0.01, 0.03): six candidates, one selector.
 - `autoloss`: AutoLoss's regression task (`configs/linear_regression/maml_autoloss.yaml`: 16-d
   linear regression, 200 support points, noise variance 2), candidates MSE and MSE + 0.2·|w|_1.
-  One task type.
+  One task type (two, dense / sparse, with `--override=--data.init_args.sparse_fraction=0.5`).
 
     python benchmarks/loss_selection.py --steps 600                  # the README's loss run
     python benchmarks/loss_selection.py --mode lr --steps 400        # the README's lr run
@@ -27,6 +27,9 @@ Two more modes (`--mode`), the same protocol:
     python benchmarks/loss_selection.py --mode autoloss --steps 300 --eval-steps 20  # the README's AutoLoss run
     python benchmarks/loss_selection.py --mode autoloss --steps 300 --eval-steps 20 --tag _mixed \\
         --override=--data.init_args.sparse_fraction=0.5    # half the tasks sparse (2 of 16 weights)
+    python benchmarks/loss_selection.py --mode autoloss --steps 300 --eval-steps 20 --tag _mixed_k20 \\
+        --methods mse mse_l1 mixture policy --override=--data.init_args.sparse_fraction=0.5 \\
+        --override=--model.init_args.inner_steps=20        # trained through 20 inner steps, as tested
 """
 
 from __future__ import annotations
