@@ -81,7 +81,7 @@ class MetaRLLearner(pl.LightningModule):
                 "model.init_args.family and data.init_args.family the same family"
             )
 
-    def _eval_step(self, batch: TaskSpecBatch, stage: str) -> None:
+    def _eval_step(self, batch: TaskSpecBatch, stage: str = "evaluation") -> None:
         if self.adapts_with_gradients and torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{type(self).__name__} adapts with gradients during {stage}, which inference mode "
