@@ -48,6 +48,8 @@ ALGORITHMS = {  # table name: config under configs/sinusoid/
     "Reptile": "reptile",
     "ANIL": "anil",
     "CAVIA": "cavia",
+    "MAML + LearnedOptimizer": "maml_learned_opt",
+    "MetaLSTM": "maml_metalstm",
 }
 PUBLISHED = {  # Meta-SGD paper (Li et al. 2017), Table 1: 5-shot, one inner step
     ("MAML", 5): "1.13 ± 0.18",

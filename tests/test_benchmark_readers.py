@@ -25,6 +25,7 @@ from lightning_meta.data.benchmarks import (
     CIFARFSDataModule,
     CUBDataModule,
     FC100DataModule,
+    ImageBenchmarkDataModule,
     MiniImageNetDataModule,
     TieredImageNetDataModule,
     cifar_fs_splits,
@@ -453,6 +454,15 @@ def test_datamodules_yield_task_batches(tmp_path, module, make, size):
     assert batch[0].support_x.shape == (5, 3, size, size)
     test_batch = next(iter(data.test_dataloader()))
     assert test_batch[0].query_x.shape == (5, 3, size, size)
+
+
+def test_image_size_defaults_to_each_benchmarks_own_and_the_base_is_refused():
+    sizes = {m: m().image_shape for m in (MiniImageNetDataModule, TieredImageNetDataModule, CUBDataModule)}
+    assert set(sizes.values()) == {(3, 84, 84)}
+    assert CIFARFSDataModule().image_shape == FC100DataModule().image_shape == (3, 32, 32)
+    assert CIFARFSDataModule(image_size=84).image_shape == (3, 84, 84)
+    with pytest.raises(TypeError, match="use MiniImageNetDataModule"):
+        ImageBenchmarkDataModule()
 
 
 @pytest.mark.slow

@@ -1,25 +1,21 @@
 """The learned LSTM optimizer (Andrychowicz et al. 2016): its gradient preprocessing, exact
-meta-gradients through the unroll (float64 gradcheck), truncated back-propagation, and MAML
-with it trained and resumed through the real CLI."""
+meta-gradients through the unroll (float64 gradcheck), and truncated back-propagation (its
+checkpoint, CLI and resume tests: tests/test_learned_update_rules_training.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch.func import functional_call
 
 from lightning_meta.algorithms import MAML
-from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.inner_loop import adapt, inner_gradients
 from lightning_meta.models import MLP
 from lightning_meta.update_rules import LearnedOptimizer, preprocess_gradients, truncated_unroll
-from tests.test_resume import SINUSOID_MAML, check_resume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,70 +170,3 @@ def manual_unroll_from(loss, params, rule, state, first_step, steps):
         params, state = rule(params, inner_gradients(loss, params, first_order=True), state, step)
         losses.append(loss(params))
     return torch.stack(losses).mean(), params, state
-
-
-def test_a_checkpoint_restores_the_learned_optimizers_weights(tmp_path):
-    torch.manual_seed(0)
-    model = MAML(MLP(hidden_sizes=[8]), inner_steps=3, update_rule=LearnedOptimizer(hidden_size=4))
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        inference_mode=False,
-        default_root_dir=tmp_path,
-    )
-    data = SinusoidDataModule(tasks_per_batch=2)
-    trainer.fit(model, datamodule=data)
-    trainer.save_checkpoint(tmp_path / "model.ckpt")
-    # Like the backbone, the rule is built by the caller (the CLI: from the config) and its
-    # weights come from the checkpoint.
-    restored = MAML.load_from_checkpoint(
-        tmp_path / "model.ckpt", backbone=MLP(hidden_sizes=[8]), update_rule=LearnedOptimizer(hidden_size=4)
-    )
-    for name, value in model.update_rule.state_dict().items():
-        assert torch.equal(restored.update_rule.state_dict()[name], value), name
-    batch = next(iter(data.val_dataloader()))
-    model.eval(), restored.eval()
-    torch.testing.assert_close(restored(batch).predictions, model(batch).predictions, rtol=0, atol=0)
-
-
-@pytest.mark.slow
-def test_maml_with_the_learned_optimizer_trains_through_the_real_cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    cli = run_cli(
-        [
-            "fit",
-            "--config=configs/sinusoid/maml_learned_opt.yaml",
-            "--data.tasks_per_batch=4",
-            "--trainer.max_steps=3",
-            "--trainer.val_check_interval=3",
-            "--data.val_tasks=4",
-            "--data.test_tasks=4",
-            "--data.eval_tasks_per_batch=2",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
-    model = cli.model
-    assert isinstance(model.update_rule, LearnedOptimizer) and cli.trainer.global_step == 3
-    assert model.task_batcher.chosen == "loop"  # auto batching never tries vmap with it
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    assert math.isfinite(metrics["test/loss"]) and metrics["test/tasks"] == 4
-    checkpoint = torch.load(next(Path(tmp_path).rglob("*.ckpt")), weights_only=False)
-    saved = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("update_rule.")}
-    assert saved and all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
-    print(json.dumps(metrics))
-
-
-@pytest.mark.slow
-def test_maml_with_the_learned_optimizer_resumes_exactly(tmp_path):
-    setup = [
-        *SINUSOID_MAML,
-        "--model.init_args.update_rule=lightning_meta.update_rules.LearnedOptimizer",
-        "--model.init_args.update_rule.init_args.hidden_size=4",
-    ]
-    check_resume(tmp_path, setup)

@@ -1,22 +1,19 @@
 """The Meta-Learner LSTM (Ravi & Larochelle 2017) as an update rule: its gate equations against a
 hand computation (float64), its initialisation (SGD with a small step), meta-gradients to its
-weights and to θ0 through the unroll, the support loss it reads, and MAML with it through the
-real CLI and a checkpoint."""
+weights and to θ0 through the unroll, and the support loss it reads (its checkpoint, CLI
+and resume tests: tests/test_learned_update_rules_training.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch.func import functional_call
 
 from lightning_meta.algorithms import MAML
 from lightning_meta.algorithms.task_parallel import vmap_blocker
-from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.inner_loop import (
     adapt,
@@ -221,63 +218,3 @@ def test_it_is_never_vmapped_and_says_why():
     model = MAML(Conv4(hidden_channels=4, out_features=3, norm="plain_batch"), update_rule=MetaLSTM())
     assert "MetaLSTM" in vmap_blocker(model)
     assert not MAML(MLP(hidden_sizes=[8]), first_order=True, update_rule=MetaLSTM()).compile_by_default
-
-
-def test_a_checkpoint_restores_the_metalstms_weights(tmp_path):
-    torch.manual_seed(0)
-    model = MAML(MLP(hidden_sizes=[8]), inner_steps=3, update_rule=MetaLSTM(hidden_size=4))
-    initial = {k: v.clone() for k, v in model.update_rule.state_dict().items()}
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        inference_mode=False,
-        default_root_dir=tmp_path,
-    )
-    data = SinusoidDataModule(tasks_per_batch=2)
-    trainer.fit(model, datamodule=data)
-    assert any(not torch.equal(v, initial[k]) for k, v in model.update_rule.state_dict().items())
-    trainer.save_checkpoint(tmp_path / "model.ckpt")
-    # Fresh (differently drawn) weights, overwritten by the checkpoint's.
-    torch.manual_seed(1)
-    restored = MAML.load_from_checkpoint(
-        tmp_path / "model.ckpt", backbone=MLP(hidden_sizes=[8]), update_rule=MetaLSTM(hidden_size=4)
-    )
-    for name, value in model.update_rule.state_dict().items():
-        assert torch.equal(restored.update_rule.state_dict()[name], value), name
-    batch = next(iter(data.val_dataloader()))
-    model.eval(), restored.eval()
-    torch.testing.assert_close(restored(batch).predictions, model(batch).predictions, rtol=0, atol=0)
-
-
-@pytest.mark.slow
-def test_maml_with_the_metalstm_trains_through_the_real_cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
-    cli = run_cli(
-        [
-            "fit",
-            "--config=configs/sinusoid/maml_metalstm.yaml",
-            "--data.tasks_per_batch=4",
-            "--trainer.max_steps=3",
-            "--trainer.val_check_interval=3",
-            "--data.val_tasks=4",
-            "--data.test_tasks=4",
-            "--data.eval_tasks_per_batch=2",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
-    model = cli.model
-    assert isinstance(model.update_rule, MetaLSTM) and cli.trainer.global_step == 3
-    assert model.task_batcher.chosen == "loop"  # auto batching never tries vmap with it
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    assert math.isfinite(metrics["test/loss"]) and metrics["test/tasks"] == 4
-    checkpoint = torch.load(next(Path(tmp_path).rglob("*.ckpt")), weights_only=False)
-    saved = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("update_rule.")}
-    assert len(saved) == len(model.update_rule.state_dict())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
-    print(json.dumps(metrics))

@@ -16,7 +16,7 @@ from lightning_meta.algorithms.rl2 import gae, sample_categorical
 from lightning_meta.data import RLTaskDataModule, TaskSpecStream
 from lightning_meta.data.rl import sample_spec, stack_specs
 from lightning_meta.data.sampler import TRAIN, MetaBatchSampler
-from lightning_meta.envs import BernoulliBandit, TabularMDP
+from lightning_meta.envs import BernoulliBandit, Navigation2D, TabularMDP
 
 
 def specs(family, n, seed=0):
@@ -55,6 +55,33 @@ def test_rollout_log_probs_equal_the_sequence_pass_that_ppo_differentiates(famil
     torch.testing.assert_close(log_probs, rollout.log_probs)
     torch.testing.assert_close(values, rollout.values)
     assert rollout.inputs.shape == (family.trial_steps, 5, model.input_dim)
+
+
+def test_gaussian_policy_for_continuous_families_samples_from_the_spec_and_ppo_sees_the_same_density():
+    """Continuous actions: a diagonal Gaussian (mean from the head, learned log std). The rollout's
+    log-probabilities equal the sequence pass's (PPO's ratio starts at 1), the draws are a function
+    of the task spec, the environment gets clipped actions and every parameter gets a gradient."""
+    family = Navigation2D(horizon=4, episodes=2)
+    torch.manual_seed(0)
+    model = RL2(family, hidden_size=8, init_log_std=0.5, action_clip=0.05)
+    batch = specs(family, 5)
+    rollout = model.rollout(batch)
+    assert rollout.actions.shape == (family.trial_steps, 5, 2) and rollout.actions.abs().max() > 0.05
+    torch.testing.assert_close(model.rollout(batch).actions, rollout.actions)  # seeded by the spec
+    assert not torch.equal(model.rollout(specs(family, 5, seed=1)).actions, rollout.actions)
+    means, values = model.sequence(rollout.inputs)
+    by_hand = torch.distributions.Normal(means, torch.full((2,), 0.5).exp()).log_prob(rollout.actions).sum(-1)
+    torch.testing.assert_close(by_hand, rollout.log_probs)
+    torch.testing.assert_close(values, rollout.values)
+    # The previous-action input is the clipped action the environment executed.
+    torch.testing.assert_close(rollout.inputs[1:, :, 2:4], rollout.actions[:-1].clamp(-0.05, 0.05))
+    loss, stats = model.ppo_loss(rollout, *model.advantages_and_targets(rollout))
+    assert stats["approx_kl"].abs() < 1e-6 and stats["clip_fraction"] == 0
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="action_clip=0"):
+        RL2(family, action_clip=0)
 
 
 def test_gru_state_is_kept_across_episodes_and_reset_between_trials():

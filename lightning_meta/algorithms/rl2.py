@@ -14,6 +14,16 @@ kept as buffers so checkpoints carry them): with raw targets, n = 100 pulls give
 ~80 and a value loss in the thousands that swamps the policy's gradient in the shared GRU, and
 such an agent has been seen to climb to 73 and collapse back to random (tests/test_rl2.py
 holds the regression test).
+
+Discrete families get a categorical policy; continuous ones (2D navigation, the MuJoCo
+locomotion families) a diagonal Gaussian whose mean is the policy head's output and whose
+log standard deviation is one learned parameter per action dimension (state-independent, as
+in the MAML and RL² papers' Gaussian MLP policies). The Gaussian's standard normals are drawn
+from a generator seeded by each task's action-sampling uniforms (`TaskSpecBatch.action_noise`),
+so the sampled actions are still a function of the task's global index (DDP layouts and
+resumes see the same draws). The environment gets the action clipped to ±`action_clip` (the
+locomotion families' action box); the previous-action input is that clipped action, and PPO's
+ratio uses the density of the unclipped sample.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.distributions import Normal
 
 from lightning_meta.algorithms.rl_base import MetaRLLearner
 from lightning_meta.envs.families import TaskFamily, TaskSpecBatch, step_noise
@@ -31,7 +42,8 @@ from lightning_meta.envs.families import TaskFamily, TaskSpecBatch, step_noise
 
 @dataclass
 class Rollout:
-    """One trial per task, time first: `inputs` `[steps, tasks, input_dim]`, the rest `[steps, tasks]`."""
+    """One trial per task, time first: `inputs` `[steps, tasks, input_dim]`, the rest `[steps, tasks]`
+    (continuous actions: `[steps, tasks, action_dim]`)."""
 
     inputs: Tensor
     actions: Tensor
@@ -58,6 +70,16 @@ def sample_categorical(probs: Tensor, u: Tensor) -> Tensor:
     return (probs.cumsum(-1) <= u[:, None]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def action_normals(action_noise: Tensor, num_actions: int) -> Tensor:
+    """Standard normals `[tasks, episodes, horizon, num_actions]` for a Gaussian policy: each
+    task's from a generator seeded by its first action-sampling uniform, a function of the
+    task's global index like the uniform itself."""
+    seeds = (action_noise[:, 0, 0].detach().double().cpu() * 2**32).long().tolist()
+    shape = (*action_noise.shape[1:3], num_actions)
+    normals = [torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    return torch.stack(normals).to(action_noise.device)
+
+
 class RL2(MetaRLLearner):
     """RL² with a GRU policy and value, meta-trained by PPO; see the module docstring.
 
@@ -75,6 +97,8 @@ class RL2(MetaRLLearner):
         max_grad_norm: gradient norm clip of each optimizer step (None: off).
         normalize_values: predict normalised value targets (see the module docstring).
         value_norm_decay: decay of the running mean/variance of the value targets, per step.
+        init_log_std: continuous families: the Gaussian policy's initial log standard deviation.
+        action_clip: continuous families: the environment gets actions clipped to ±this (None: as sampled).
         optimizer: see `MetaRLLearner`.
         lr_scheduler: see `MetaRLLearner`.
     """
@@ -93,11 +117,13 @@ class RL2(MetaRLLearner):
         max_grad_norm: float | None = 1.0,
         normalize_values: bool = True,
         value_norm_decay: float = 0.99,
+        init_log_std: float = 0.0,
+        action_clip: float | None = 1.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if not family.discrete:
-            raise ValueError(f"RL2's policy is categorical: {family!r} has continuous actions")
+        if action_clip is not None and action_clip <= 0:
+            raise ValueError(f"action_clip={action_clip} must be positive (or None: no clipping)")
         super().__init__(family, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.automatic_optimization = False
@@ -109,14 +135,25 @@ class RL2(MetaRLLearner):
         self.gru = nn.GRU(self.input_dim, hidden_size)
         self.policy = nn.Linear(hidden_size, family.num_actions)
         self.value = nn.Linear(hidden_size, 1)
+        self.discrete, self.action_clip = family.discrete, action_clip
+        if not family.discrete:
+            self.log_std = nn.Parameter(torch.full((family.num_actions,), float(init_log_std)))
         # Debiased exponential moving averages of the value targets' mean and mean square.
         self.register_buffer("target_mean", torch.zeros(()))
         self.register_buffer("target_square", torch.zeros(()))
         self.register_buffer("target_weight", torch.zeros(()))
 
     def heads(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """Policy logits and the (normalised) value of GRU outputs."""
+        """Policy logits (continuous: the Gaussian's mean) and the (normalised) value of GRU outputs."""
         return self.policy(hidden), self.value(hidden).squeeze(-1)
+
+    def log_prob_and_entropy(self, logits: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-probability of `actions` under the policy head's `logits`, and the mean entropy."""
+        if self.discrete:
+            log_probs = F.log_softmax(logits, -1)
+            return log_probs.gather(-1, actions[..., None]).squeeze(-1), -(log_probs.exp() * log_probs).sum(-1).mean()
+        dist = Normal(logits, self.log_std.exp())
+        return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1).mean()
 
     def sequence(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and values along whole trials (`[steps, tasks, input_dim]`), from a zero state."""
@@ -147,6 +184,7 @@ class RL2(MetaRLLearner):
         prev_reward = torch.zeros(n, **like)
         prev_done = torch.zeros(n, **like)
         steps: dict[str, list[Tensor]] = {k: [] for k in ("inputs", "actions", "log_probs", "values", "rewards")}
+        normals = None if self.discrete else action_normals(batch.action_noise, family.num_actions).to(**like)
         for episode in range(family.episodes):
             state = family.initial_state(tasks)
             for t in range(family.horizon):
@@ -154,14 +192,19 @@ class RL2(MetaRLLearner):
                 x = torch.cat([obs, prev_action, prev_reward[:, None], prev_done[:, None]], 1)
                 out, hidden = self.gru(x[None], hidden)
                 logits, value = self.heads(out[0])
-                log_probs = F.log_softmax(logits, -1)
-                action = sample_categorical(log_probs.exp(), batch.action_noise[:, episode, t])
-                state, reward = family.step(tasks, state, action, step_noise(batch.noise, episode, t))
-                for key, v in zip(
-                    steps, (x, action, log_probs.gather(1, action[:, None])[:, 0], value, reward), strict=True
-                ):
+                if self.discrete:
+                    action = sample_categorical(F.log_softmax(logits, -1).exp(), batch.action_noise[:, episode, t])
+                    env_action = action
+                else:
+                    action = logits + self.log_std.exp() * normals[:, episode, t]
+                    clip = self.action_clip
+                    env_action = action if clip is None else action.clamp(-clip, clip)
+                log_prob, _ = self.log_prob_and_entropy(logits, action)
+                state, reward = family.step(tasks, state, env_action, step_noise(batch.noise, episode, t))
+                reward = reward.to(x.dtype)  # the MuJoCo families reward in float64
+                for key, v in zip(steps, (x, action, log_prob, value, reward), strict=True):
                     steps[key].append(v)
-                prev_action = F.one_hot(action, family.num_actions).to(x.dtype)
+                prev_action = F.one_hot(action, family.num_actions).to(x.dtype) if self.discrete else env_action
                 prev_reward, prev_done = reward.to(x.dtype), torch.full_like(prev_done, float(t == family.horizon - 1))
         return Rollout(**{key: torch.stack(v) for key, v in steps.items()})
 
@@ -172,14 +215,12 @@ class RL2(MetaRLLearner):
     def ppo_loss(self, rollout: Rollout, advantages: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """PPO's clipped objective, value loss (on normalised targets) and entropy bonus."""
         logits, values = self.sequence(rollout.inputs)
-        log_probs = F.log_softmax(logits, -1)
-        new_log_probs = log_probs.gather(-1, rollout.actions[..., None]).squeeze(-1)
+        new_log_probs, entropy = self.log_prob_and_entropy(logits, rollout.actions)
         log_ratio = new_log_probs - rollout.log_probs
         ratio = log_ratio.exp()
         clipped = ratio.clamp(1 - self.clip, 1 + self.clip)
         policy_loss = -torch.minimum(ratio * advantages, clipped * advantages).mean()
         value_loss = F.mse_loss(values, targets)
-        entropy = -(log_probs.exp() * log_probs).sum(-1).mean()
         loss = policy_loss + self.value_coef * value_loss - self.entropy_coef * entropy
         with torch.no_grad():
             stats = {

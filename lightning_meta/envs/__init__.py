@@ -1,8 +1,11 @@
 """Meta-RL task distributions: batched torch families for training, Gymnasium twins for users.
 
 Importing this package registers the Gymnasium ids (`lightning_meta/Bandit-v0`,
-`lightning_meta/TabularMDP-v0`, `lightning_meta/Navigation2D-v0`); Gymnasium is the `rl` extra
-(`pip install lightning-meta[rl]`), needed only by `gym_envs`. Nothing here imports Lightning
+`lightning_meta/TabularMDP-v0`, `lightning_meta/Navigation2D-v0`, and the MuJoCo ones,
+`lightning_meta/HalfCheetahVel-v0` etc.); Gymnasium is the `rl` extra
+(`pip install lightning-meta[rl]`), needed only by `gym_envs`. The MuJoCo locomotion families
+(`HalfCheetahVel`, `HalfCheetahDir`, `AntDir`) import here without MuJoCo and need the `mujoco`
+extra (`pip install lightning-meta[mujoco]`) to step. Nothing here imports Lightning
 (DESIGN.md layering).
 """
 
@@ -18,6 +21,7 @@ from lightning_meta.envs.families import (
     TaskSpecBatch,
     step_noise,
 )
+from lightning_meta.envs.locomotion import AntDir, HalfCheetahDir, HalfCheetahVel, LocomotionFamily
 
 if importlib.util.find_spec("gymnasium") is not None:  # the `rl` extra; the batched families need only torch
     from lightning_meta.envs.gym_envs import register as _register
@@ -25,7 +29,11 @@ if importlib.util.find_spec("gymnasium") is not None:  # the `rl` extra; the bat
     _register()
 
 __all__ = [
+    "AntDir",
     "BernoulliBandit",
+    "HalfCheetahDir",
+    "HalfCheetahVel",
+    "LocomotionFamily",
     "Navigation2D",
     "Noise",
     "TabularMDP",

@@ -4,8 +4,11 @@ and the same trial noise (Duan et al. 2016 Tables 1 and 2).
 Bandits: random, greedy, ε-greedy, UCB1 (constant c), Thompson sampling (Beta(1, 1) prior) and
 the oracle that knows p and always pulls the best arm. Tabular MDPs: random and the oracle that
 knows the MDP and follows its finite-horizon optimal policy (value iteration). 2D navigation:
-standing still and the oracle that moves straight to the goal. Each returns the
-trial return of every task, `[tasks]`, stepping the batched family (`rollout`).
+standing still and the oracle that moves straight to the goal. MuJoCo locomotion
+(`HalfCheetahVel`, `HalfCheetahDir`, `AntDir`): zero actions and uniformly random actions in
+[−1, 1] (the floor a meta-RL agent must clear; no oracle, which would need a trained policy per
+task). Each returns the trial return of every task, `[tasks]`, stepping the batched family
+(`rollout`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_meta.envs.families import BernoulliBandit, Navigation2D, Noise, TabularMDP, TaskFamily, Tasks, step_noise
+from lightning_meta.envs.locomotion import LocomotionFamily
 
 Policy = Callable[[Tensor, Tensor, int], Tensor]
 """(state `[tasks]`, observation `[tasks, obs_dim]`, step within the episode) -> action `[tasks]`."""
@@ -159,6 +163,19 @@ def navigation_oracle(family: Navigation2D, tasks: Tasks, noise: Noise) -> Tenso
     return rollout(family, tasks, noise, lambda s, o, t: tasks["goal"] - s)
 
 
+def zero_action(family: LocomotionFamily, tasks: Tasks, noise: Noise) -> Tensor:
+    """All-zero controls: the robot settles where it stands and pays no control cost."""
+    return rollout(family, tasks, noise, lambda s, o, t: torch.zeros(s.shape[0], family.num_actions))
+
+
+def random_action(family: LocomotionFamily, tasks: Tasks, noise: Noise, seed: int = 0) -> Tensor:
+    """Controls uniform in [−1, 1] (the action space), independent per task and step."""
+    gen = _generator(seed)
+    return rollout(
+        family, tasks, noise, lambda s, o, t: torch.rand(s.shape[0], family.num_actions, generator=gen) * 2 - 1
+    )
+
+
 def baselines(family: TaskFamily) -> dict[str, Callable[[Tasks, Noise], Tensor]]:
     """The baselines of `family`, by name: each maps (tasks, noise) to trial returns."""
     if isinstance(family, BernoulliBandit):
@@ -179,5 +196,10 @@ def baselines(family: TaskFamily) -> dict[str, Callable[[Tasks, Noise], Tensor]]
         return {
             "stand_still": lambda tasks, noise: stand_still(family, tasks, noise),
             "oracle": lambda tasks, noise: navigation_oracle(family, tasks, noise),
+        }
+    if isinstance(family, LocomotionFamily):
+        return {
+            "zero_action": lambda tasks, noise: zero_action(family, tasks, noise),
+            "random_action": lambda tasks, noise: random_action(family, tasks, noise),
         }
     return {}

@@ -12,7 +12,9 @@ same formula as the batched family, so both give identical transitions for the s
 actions and noise (tests/test_envs.py).
 
 Registered ids: `lightning_meta/Bandit-v0`, `lightning_meta/TabularMDP-v0`,
-`lightning_meta/Navigation2D-v0`.
+`lightning_meta/Navigation2D-v0`, and the MuJoCo families' `lightning_meta/HalfCheetahVel-v0`,
+`lightning_meta/HalfCheetahDir-v0`, `lightning_meta/AntDir-v0` (`locomotion_gym.py`, the
+`mujoco` extra).
 
 Gymnasium's vector environments autoreset on the *next* step by default: the step after an
 episode ends returns the reset observation with reward 0 and ignores the action, so a sampler
@@ -189,6 +191,10 @@ def register() -> None:
         ("lightning_meta/Bandit-v0", "lightning_meta.envs.gym_envs:BanditEnv"),
         ("lightning_meta/TabularMDP-v0", "lightning_meta.envs.gym_envs:TabularMDPEnv"),
         ("lightning_meta/Navigation2D-v0", "lightning_meta.envs.gym_envs:Navigation2DEnv"),
+        # The `mujoco` extra's; their module (and MuJoCo) is imported by `gymnasium.make` only.
+        ("lightning_meta/HalfCheetahVel-v0", "lightning_meta.envs.locomotion_gym:HalfCheetahVelEnv"),
+        ("lightning_meta/HalfCheetahDir-v0", "lightning_meta.envs.locomotion_gym:HalfCheetahDirEnv"),
+        ("lightning_meta/AntDir-v0", "lightning_meta.envs.locomotion_gym:AntDirEnv"),
     ):
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=entry_point, disable_env_checker=False)

@@ -14,6 +14,7 @@ from lightning_meta.data.benchmarks.datamodules import (
     CIFARFSDataModule,
     CUBDataModule,
     FC100DataModule,
+    ImageBenchmarkDataModule,
     MiniImageNetDataModule,
     TieredImageNetDataModule,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "CIFARFSDataModule",
     "CUBDataModule",
     "FC100DataModule",
+    "ImageBenchmarkDataModule",
     "ImageClasses",
     "MiniImageNetDataModule",
     "TieredImageNetDataModule",
