@@ -14,6 +14,11 @@ batch of problems is the same as running them one at a time.
 
     python benchmarks/learned_optimizer_quadratics.py                      # the default budget
     python benchmarks/learned_optimizer_quadratics.py --iterations 100     # a short run
+    python benchmarks/learned_optimizer_quadratics.py --seed 1             # another meta-training seed
+
+`--seed` sets the LSTM's initial weights and the meta-training problems (seed 0 draws the ones
+the first published run used); the validation and test problems are the same for every seed, so
+two seeds differ only in how the LSTM was meta-trained.
 """
 
 from __future__ import annotations
@@ -77,6 +82,12 @@ def run_learned(rule: LearnedOptimizer, w: Tensor, y: Tensor, theta0: Tensor, st
     return torch.stack(curve)
 
 
+def meta_training_seed(seed: int, iteration: int) -> int:
+    """The generator seed of meta-training batch `iteration` under `--seed` (seed 0: the first
+    published run's problems, 10_000 + iteration)."""
+    return 10_000 + iteration + 1_000_000 * seed
+
+
 def meta_train(args: argparse.Namespace) -> tuple[LearnedOptimizer, list[float]]:
     """The LSTM optimizer meta-trained on `args.iterations` batches of fresh problems."""
     torch.manual_seed(args.seed)
@@ -84,7 +95,7 @@ def meta_train(args: argparse.Namespace) -> tuple[LearnedOptimizer, list[float]]
     optimizer = torch.optim.Adam(rule.parameters(), lr=args.meta_lr)
     history = []
     for iteration in range(args.iterations):
-        w, y, theta0 = problems(args.batch, seed=10_000 + iteration)
+        w, y, theta0 = problems(args.batch, seed=meta_training_seed(args.seed, iteration))
         losses = losses_of(w, y)
 
         def loss_fn(params: dict[str, Tensor], losses: Callable[[Tensor], Tensor] = losses) -> Tensor:
@@ -111,9 +122,13 @@ def main() -> None:
     parser.add_argument("--meta-lr", type=float, default=0.003, help="Adam's rate for the LSTM's weights")
     parser.add_argument("--val-problems", type=int, default=100, help="problems that choose each baseline's rate")
     parser.add_argument("--test-problems", type=int, default=100, help="held-out problems reported on (>= 20)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="learned_optimizer_quadratics", help="results file stem")
+    parser.add_argument("--seed", type=int, default=0, help="the LSTM's initial weights and meta-training problems")
+    parser.add_argument("--name", default=None, help="results file stem (default: by seed)")
     args = parser.parse_args()
+    if args.name is None:
+        args.name = "learned_optimizer_quadratics" + (f"_seed{args.seed}" if args.seed else "")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.test_problems < 20:
         parser.error("--test-problems must be at least 20 (issue 14)")
     torch.set_num_threads(1)

@@ -69,6 +69,7 @@ OTHER_METHODS = {  # run with --methods; the default table stays the one above
     "MAML": "maml",
     "CAVIA": "cavia",
     "MAML + MeTAL": "maml_metal",
+    "MetaLSTM": "metalstm",
 }
 CONFIGS = METHODS | OTHER_METHODS
 PUBLISHED = {  # accuracy %, 1-shot, Vinyals split: the papers' Table 1

@@ -13,6 +13,7 @@ from lightning_meta.cli import run_cli
 from lightning_meta.data import (
     FewShotDataModule,
     LakeOneShotDataModule,
+    LinearRegressionDataModule,
     OmniglotDataModule,
     RLTaskDataModule,
     SinusoidDataModule,
@@ -92,6 +93,8 @@ def test_config_parses_and_builds(config):
         assert cli.model.backbone(torch.zeros(4, fmt.channels, fmt.image_size, fmt.image_size)).shape[0] == 4
     elif isinstance(cli.datamodule, RLTaskDataModule):  # meta-RL: the agent is built for the data's family
         assert cli.model.family == cli.datamodule.family
+    elif isinstance(cli.datamodule, LinearRegressionDataModule):  # AutoLoss's regression: dim inputs, 1 output
+        assert cli.model.backbone(torch.zeros(4, cli.datamodule.family.dim)).shape == (4, 1)
     else:
         assert isinstance(cli.datamodule, SinusoidDataModule)
 

@@ -15,7 +15,7 @@ from lightning_meta.algorithms import MAML
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.inner_loop import adapt, inner_gradients
 from lightning_meta.models import MLP
-from lightning_meta.update_rules import LearnedOptimizer, preprocess_gradients, truncated_unroll
+from lightning_meta.update_rules import SGD, LearnedOptimizer, preprocess_gradients, truncated_unroll
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,6 +162,33 @@ def test_truncation_detaches_parameters_and_state_between_windows(float64):
     torch.testing.assert_close(untruncated, loss2, rtol=1e-13, atol=0)  # same values, other graph
     full = torch.autograd.grad(untruncated, list(rule.parameters()))
     assert any(not torch.allclose(g, f) for g, f in zip(got, full, strict=True))
+
+
+def test_a_loss_per_step_takes_each_step_and_scores_each_iterate_on_its_own_minibatch(float64):
+    """A stochastic optimizee (the digits benchmark's minibatches): loss k gives θ_k's gradient
+    and scores θ_k in the meta-loss; checked against SGD by hand on losses ½‖θ − c_k‖²."""
+    centres = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    losses = [lambda p, c=c: 0.5 * ((p["theta"] - c) ** 2).sum() for c in centres]
+    theta, lr = torch.zeros(3), 0.3
+    rule = SGD(lr)
+    windows = list(truncated_unroll(losses, {"theta": theta}, rule, steps=4, window=2))
+    expected_terms = []
+    for k in range(4):
+        theta = theta - lr * (theta - centres[k])  # the gradient of loss k at θ_k
+        expected_terms.append(0.5 * ((theta - centres[k + 1]) ** 2).sum())  # θ_{k+1} on loss k + 1
+    torch.testing.assert_close(windows[-1][1]["theta"], theta, rtol=1e-14, atol=0)
+    torch.testing.assert_close(windows[0][0], torch.stack(expected_terms[:2]).mean(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(windows[1][0], torch.stack(expected_terms[2:]).mean(), rtol=1e-14, atol=0)
+    # The same function repeated is the one-function call, exactly.
+    loss, theta0 = quadratic(dim=5)
+    torch.manual_seed(0)
+    lstm = LearnedOptimizer(hidden_size=4, output_scale=0.1)
+    one = list(truncated_unroll(loss, theta0, lstm, steps=4, window=2))
+    repeated = list(truncated_unroll([loss] * 5, theta0, lstm, steps=4, window=2))
+    for (a, pa), (b, pb) in zip(one, repeated, strict=True):
+        assert torch.equal(a, b) and torch.equal(pa["theta"], pb["theta"])
+    with pytest.raises(ValueError, match="steps \\+ 1 = 5"):
+        next(truncated_unroll(losses[:4], {"theta": torch.zeros(3)}, rule, steps=4, window=2))
 
 
 def manual_unroll_from(loss, params, rule, state, first_step, steps):

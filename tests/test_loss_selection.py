@@ -164,7 +164,7 @@ def test_maml_trains_with_each_selector_on_the_loop_and_logs_choices():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"candidates": ["mse"]}, "at least two regression losses"),
+        ({"candidates": ["mse"]}, "at least two distinct regression losses"),
         ({"candidates": ["mse", "focal"]}, r"\['focal'\] are not"),
         ({"kind": "ranking"}, "kind='ranking' must be one of"),
     ],

@@ -8,6 +8,7 @@ from lightning_meta.algorithms.anil import ANIL
 from lightning_meta.algorithms.base import MetaLearner, TaskOutput, mean_and_ci95, supervised_loss
 from lightning_meta.algorithms.cavia import CAVIA
 from lightning_meta.algorithms.maml import MAML
+from lightning_meta.algorithms.maml_rl import MAMLRL
 from lightning_meta.algorithms.mamlpp import MAMLPlusPlus
 from lightning_meta.algorithms.matching import MatchingNetworks
 from lightning_meta.algorithms.metasgd import MetaSGD
@@ -23,6 +24,7 @@ __all__ = [
     "ANIL",
     "CAVIA",
     "MAML",
+    "MAMLRL",
     "PEARL",
     "RL2",
     "MAMLPlusPlus",

@@ -253,6 +253,7 @@ class MetaLearner(pl.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self._eval_outputs: list[dict[str, Tensor]] = []
+        self._type_names: tuple[str, ...] | None = None
         self.task_batcher = task_parallel.TaskBatching()
         self._nonfinite_loss: float | None = None
         self._rng_to_restore: dict | None = None
@@ -500,6 +501,10 @@ class MetaLearner(pl.LightningModule):
         with self._compiled(plan.path, training=False):
             for chunk in task_parallel.split(batch, plan.chunk_size):
                 _, stats = self.meta_loss(chunk, plan.path)
+                if chunk.task_type is not None:
+                    # Each task's type (clean / corrupted), for the per-type logs of the epoch's end.
+                    stats["task_type"] = chunk.task_type.to(stats["loss"].dtype)
+                    self._type_names = chunk.type_names
                 self._eval_outputs.append(stats)
 
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
@@ -546,8 +551,9 @@ class MetaLearner(pl.LightningModule):
         outputs, self._eval_outputs = self._eval_outputs, []
         if not outputs:
             return
-        for key in outputs[0]:
-            values = self._gather(torch.cat([o[key] for o in outputs]))
+        gathered = {key: self._gather(torch.cat([o[key] for o in outputs])) for key in outputs[0]}
+        task_type = gathered.pop("task_type", None)
+        for key, values in gathered.items():
             mean, ci95 = mean_and_ci95(values)
             # Values are already gathered from every rank, so every rank logs the same number.
             self.log(f"{stage}/{key}", mean, prog_bar=key in ("loss", "acc"))
@@ -556,9 +562,27 @@ class MetaLearner(pl.LightningModule):
                 # Benchmarks quoted as error rates (Lake's one-shot runs): percent misclassified.
                 self.log(f"{stage}/error", 100 * (1 - mean))
                 self.log(f"{stage}/error_ci95", 100 * ci95)
+        if task_type is not None:
+            self._log_per_type(stage, gathered, task_type)
         self.log(f"{stage}/tasks", float(values.numel()))
         # Which protocol these numbers used, beside them in every log and results table.
         self.log(f"{stage}/per_example", float(self.eval_protocol == "per_example"))
+
+    def _log_per_type(self, stage: str, gathered: dict[str, Tensor], task_type: Tensor) -> None:
+        """Per task type (the family's `task_types`, e.g. clean / corrupted): the loss and accuracy as
+        `<stage>/loss/<type>`, and a loss selector's choices as `<stage>/choice/<type>/<candidate>`,
+        the share of that type's tasks that chose the candidate (a histogram per evaluation)."""
+        names = self._type_names or ()
+        for index, name in enumerate(names):
+            mask = task_type == index
+            if not mask.any():
+                continue
+            for key, values in gathered.items():
+                if key.startswith("choice/"):
+                    self.log(f"{stage}/choice/{name}/{key.removeprefix('choice/')}", values[mask].mean())
+                elif key in ("loss", "acc"):
+                    self.log(f"{stage}/{key}/{name}", values[mask].mean())
+            self.log(f"{stage}/tasks/{name}", mask.sum().to(gathered["loss"].dtype))
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

@@ -10,15 +10,21 @@ the two share is kept the same by sharing functions and the data layer: the task
 by global task index with DDP shares (`RLTaskDataModule`), the injected optimizer and
 scheduler, and the evaluation report (mean ± 95% CI over fixed tasks, gathered over ranks).
 
-Validation and test roll out one trial of every fixed task and log, ± 95% CI:
-`{stage}/return` (the trial return), `{stage}/return_first` and `{stage}/return_last` (the
-first and last episode's return: how much the agent adapted within the trial), and the
+Validation and test roll out one trial of every fixed task (`episode_returns`: one return per
+episode, in order) and log, ± 95% CI: `{stage}/return_before` (the first episode's return,
+before any adaptation), `{stage}/return` (what the algorithm is scored by: the whole trial's
+return for RL², whose trial is the adaptation; the last episode's, after adaptation, for an
+algorithm that sets `reports_last_episode`, e.g. MAML-RL's post-update episode),
+`{stage}/return_first` and `{stage}/return_last` (the first and last episode's return), and the
 family's baselines (`lightning_meta.envs.baselines`) on the same tasks and noise as
-`{stage}/baseline/<name>`.
+`{stage}/baseline/<name>` (trial returns: per episode where the family has one episode per
+trial). An algorithm that adapts by gradient steps at evaluation (`adapts_with_gradients`)
+runs `episode_returns` with gradients enabled and needs `Trainer(inference_mode=False)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import abstractmethod
 
 import pytorch_lightning as pl
@@ -42,6 +48,12 @@ class MetaRLLearner(pl.LightningModule):
     """
 
     adapts_with_gradients: bool = False
+    """Whether evaluation takes gradients (an inner step): `episode_returns` then runs with
+    autograd on, and inference mode is refused with a clear error."""
+
+    reports_last_episode: bool = False
+    """Whether `{stage}/return` is the last episode's return (after adaptation) instead of the trial's."""
+
     uses_output_head: bool = False
 
     def __init__(
@@ -69,10 +81,22 @@ class MetaRLLearner(pl.LightningModule):
                 "model.init_args.family and data.init_args.family the same family"
             )
 
-    def _eval_step(self, batch: TaskSpecBatch) -> None:
+    def _eval_step(self, batch: TaskSpecBatch, stage: str = "evaluation") -> None:
+        if self.adapts_with_gradients and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} adapts with gradients during {stage}, which inference mode "
+                "forbids: use Trainer(inference_mode=False) (`--trainer.inference_mode=false`; the "
+                "lightning-meta CLI sets it by default)"
+            )
+        with contextlib.nullcontext() if self.adapts_with_gradients else torch.no_grad():
+            episodes = self.episode_returns(batch).detach().float()
         with torch.no_grad():
-            episodes = self.episode_returns(batch).float()
-            stats = {"return": episodes.sum(1), "return_first": episodes[:, 0], "return_last": episodes[:, -1]}
+            stats = {
+                "return": episodes[:, -1] if self.reports_last_episode else episodes.sum(1),
+                "return_before": episodes[:, 0],
+                "return_first": episodes[:, 0],
+                "return_last": episodes[:, -1],
+            }
             tasks = {key: value.cpu() for key, value in batch.tasks.items()}
             noise = {key: value.cpu() for key, value in batch.noise.items()}
             for name, run in baselines(self.family).items():
@@ -80,10 +104,10 @@ class MetaRLLearner(pl.LightningModule):
         self._eval_outputs.append(stats)
 
     def validation_step(self, batch: TaskSpecBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, "validation")
 
     def test_step(self, batch: TaskSpecBatch, batch_idx: int) -> None:
-        self._eval_step(batch)
+        self._eval_step(batch, "test")
 
     def gather(self, values: Tensor) -> Tensor:
         """All ranks' values concatenated along the first dimension (equal counts per rank)."""

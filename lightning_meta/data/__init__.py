@@ -5,6 +5,7 @@ from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource, Ten
 from lightning_meta.data.datamodule import (
     EpisodicDataModule,
     FewShotDataModule,
+    LinearRegressionDataModule,
     OmniglotDataModule,
     SinusoidDataModule,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "LabelNoiseTasks",
     "LakeOneShotDataModule",
     "LakeRun",
+    "LinearRegressionDataModule",
     "LinearRegressionTasks",
     "MetaBatchSampler",
     "OmniglotClasses",

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from lightning_meta.data.augment import Augmentation
 from lightning_meta.data.base import ClassDataset, FewShotTasks, TaskSource
 from lightning_meta.data.images import ImageFormat
-from lightning_meta.data.noisy import LabelNoiseTasks
+from lightning_meta.data.noisy import LabelNoiseTasks, LinearRegressionTasks
 from lightning_meta.data.omniglot import omniglot_splits
 from lightning_meta.data.sampler import TEST, TRAIN, VAL, FixedTaskSampler, MetaBatchSampler, TaskStream
 from lightning_meta.data.sinusoid import CorruptedSinusoidTasks, SinusoidTasks
@@ -250,6 +250,65 @@ class SinusoidDataModule(EpisodicDataModule):
             )
         else:
             self.family = SinusoidTasks(shots, query_shots, amplitude, phase, x_range)
+
+    def build_sources(self) -> dict[str, TaskSource]:
+        return {"train": self.family, "val": self.family, "test": self.family}
+
+
+class LinearRegressionDataModule(EpisodicDataModule):
+    """AutoLoss's regression tasks (Xu et al., ICLR 2019): y = w·x + ε, x ~ N(0, I_dim),
+    ε ~ N(0, noise_var), a new w ~ N(0, I) per task (`LinearRegressionTasks`); the support set is
+    the task's training sample. The same family serves train, validation and test (disjoint
+    seeded streams).
+
+    Args:
+        dim: input dimension (AutoLoss: 16).
+        shots: support points per task (AutoLoss: 200).
+        query_shots: query points per task.
+        noise_var: variance of the target noise (AutoLoss: 2).
+        active: non-zero weights per task (default: dim, dense).
+        sparse_fraction: the share of "sparse" tasks (`sparse_active` non-zero weights; ours, not
+            AutoLoss's): two task types, logged apart. 0 (the default): AutoLoss's family.
+        sparse_active: non-zero weights of a sparse task.
+        tasks_per_batch: see `EpisodicDataModule`.
+        batches_per_epoch: see `EpisodicDataModule`.
+        val_tasks: see `EpisodicDataModule`.
+        test_tasks: see `EpisodicDataModule`.
+        eval_tasks_per_batch: see `EpisodicDataModule`.
+        seed: see `EpisodicDataModule`.
+        eval_seed: see `EpisodicDataModule`.
+        num_workers: see `EpisodicDataModule`.
+    """
+
+    def __init__(
+        self,
+        dim: int = 16,
+        shots: int = 200,
+        query_shots: int = 200,
+        noise_var: float = 2.0,
+        active: int | None = None,
+        sparse_fraction: float = 0.0,
+        sparse_active: int = 2,
+        tasks_per_batch: int = 25,
+        batches_per_epoch: int = 100,
+        val_tasks: int = 100,
+        test_tasks: int = 600,
+        eval_tasks_per_batch: int | None = 100,
+        seed: int = 0,
+        eval_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            tasks_per_batch,
+            batches_per_epoch,
+            val_tasks,
+            test_tasks,
+            eval_tasks_per_batch,
+            seed,
+            eval_seed,
+            num_workers,
+        )
+        self.family = LinearRegressionTasks(dim, shots, query_shots, noise_var, active, sparse_fraction, sparse_active)
 
     def build_sources(self) -> dict[str, TaskSource]:
         return {"train": self.family, "val": self.family, "test": self.family}

@@ -34,6 +34,9 @@ class LabelNoiseTasks(TaskSource):
         flip_rate: the share of a corrupted task's support labels that are flipped, in (0, 1].
     """
 
+    task_types = ("clean", "corrupted")
+    """The names of `sample_with_type`'s flag (False, True): per-task-type logs and reports."""
+
     def __init__(self, source: TaskSource, corrupt_fraction: float = 0.5, flip_rate: float = 0.2) -> None:
         self.check(corrupt_fraction, flip_rate)
         self.source, self.corrupt_fraction, self.flip_rate = source, corrupt_fraction, flip_rate
@@ -74,16 +77,30 @@ class LinearRegressionTasks(TaskSource):
     makes every coordinate active). The support set is the task's training sample (`shots`
     points, AutoLoss's 200), the query set fresh points from the same task with the same noise.
 
+    With `sparse_fraction` > 0 the family has two task types (ours, not AutoLoss's): a seeded share
+    of the tasks is "sparse" (`sparse_active` non-zero weights), the others "dense" (`active`), so
+    a per-task loss selector has something to tell apart. At 0 (the default) no type is drawn and
+    every task is the first type, with exactly the tasks of before.
+
     Args:
         dim: input dimension (16).
         shots: support points per task (200).
         query_shots: query points per task.
         noise_var: variance of the target noise (2).
         active: non-zero weights per task (default: dim, dense).
+        sparse_fraction: the share of "sparse" tasks, in [0, 1].
+        sparse_active: non-zero weights of a sparse task.
     """
 
     def __init__(
-        self, dim: int = 16, shots: int = 200, query_shots: int = 200, noise_var: float = 2.0, active: int | None = None
+        self,
+        dim: int = 16,
+        shots: int = 200,
+        query_shots: int = 200,
+        noise_var: float = 2.0,
+        active: int | None = None,
+        sparse_fraction: float = 0.0,
+        sparse_active: int = 2,
     ) -> None:
         for key, value in (("dim", dim), ("shots", shots), ("query_shots", query_shots)):
             if value < 1:
@@ -91,21 +108,43 @@ class LinearRegressionTasks(TaskSource):
         if noise_var < 0:
             raise ValueError(f"data.noise_var={noise_var} must be >= 0")
         active = dim if active is None else active
-        if not 1 <= active <= dim:
-            raise ValueError(f"data.active={active} must be in 1..dim={dim}")
+        for key, value in (("active", active), ("sparse_active", sparse_active)):
+            if not 1 <= value <= dim:
+                raise ValueError(f"data.{key}={value} must be in 1..dim={dim}")
+        if not 0.0 <= sparse_fraction <= 1.0:
+            raise ValueError(f"data.sparse_fraction={sparse_fraction} must be in [0, 1] (the share of sparse tasks)")
         self.dim, self.shots, self.query_shots, self.noise_var, self.active = dim, shots, query_shots, noise_var, active
+        self.sparse_fraction, self.sparse_active = sparse_fraction, sparse_active
+
+    @property
+    def task_types(self) -> tuple[str, ...] | None:
+        """The names of `sample_with_type`'s flag (False, True), or None with a single type
+        (`sparse_fraction=0`: batches are then not tagged)."""
+        return ("dense", "sparse") if self.sparse_fraction else None
 
     def sample_with_weights(self, rng: np.random.Generator) -> tuple[Task, np.ndarray]:
         """The task and its true weight vector."""
+        task, w, _ = self._draw(rng)
+        return task, w
+
+    def sample_with_type(self, rng: np.random.Generator) -> tuple[Task, bool]:
+        """The task and whether it is a sparse one (always False at `sparse_fraction=0`)."""
+        task, _, sparse = self._draw(rng)
+        return task, sparse
+
+    def _draw(self, rng: np.random.Generator) -> tuple[Task, np.ndarray, bool]:
+        # The type is drawn only when there are two, so sparse_fraction=0 keeps the old stream.
+        sparse = bool(self.sparse_fraction) and bool(rng.random() < self.sparse_fraction)
+        active = self.sparse_active if sparse else self.active
         w = np.zeros(self.dim)
-        keep = rng.choice(self.dim, size=self.active, replace=False)
-        w[keep] = rng.standard_normal(self.active)
+        keep = rng.choice(self.dim, size=active, replace=False)
+        w[keep] = rng.standard_normal(active)
         n = self.shots + self.query_shots
         x = rng.standard_normal((n, self.dim))
         y = x @ w + np.sqrt(self.noise_var) * rng.standard_normal(n)
         x_t, y_t = torch.from_numpy(x).float(), torch.from_numpy(y).float().unsqueeze(-1)
         k = self.shots
-        return Task(support_x=x_t[:k], support_y=y_t[:k], query_x=x_t[k:], query_y=y_t[k:]), w
+        return Task(support_x=x_t[:k], support_y=y_t[:k], query_x=x_t[k:], query_y=y_t[k:]), w, sparse
 
     def sample(self, rng: np.random.Generator) -> Task:
-        return self.sample_with_weights(rng)[0]
+        return self._draw(rng)[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from lightning_meta.data.base import TaskSource
@@ -47,7 +48,14 @@ class TaskStream(Dataset):
         return self.source.sample(task_rng(self.seed, self.stream, index))
 
     def __getitem__(self, indices: Sequence[int]) -> TaskBatch:
-        return TaskBatch.stack([self.task(i) for i in indices])
+        typed = getattr(self.source, "sample_with_type", None)
+        if typed is None or getattr(self.source, "task_types", None) is None:
+            return TaskBatch.stack([self.task(i) for i in indices])
+        # A family with task types (clean / corrupted) says each task's, for per-type reports;
+        # `sample` is `sample_with_type(...)[0]`, so the tasks are the same either way.
+        drawn = [typed(task_rng(self.seed, self.stream, i)) for i in indices]
+        task_type = torch.tensor([int(kind) for _, kind in drawn], dtype=torch.long)
+        return TaskBatch.stack([task for task, _ in drawn]).with_types(task_type, self.source.task_types)
 
 
 # Subclassing DistributedSampler is how this sampler tells Lightning that it already shards

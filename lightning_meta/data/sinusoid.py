@@ -67,6 +67,9 @@ class CorruptedSinusoidTasks(SinusoidTasks):
         x_range: range of x.
     """
 
+    task_types = ("clean", "corrupted")
+    """The names of `sample_with_type`'s flag (False, True): per-task-type logs and reports."""
+
     def __init__(
         self,
         shots: int,

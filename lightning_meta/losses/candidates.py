@@ -17,12 +17,19 @@ Regression (predictions and targets of the same shape, residual d = prediction �
 - `log_cosh`: log cosh d, quadratic near 0 and linear far out;
 - `cauchy`: (c²/2)·log(1 + (d/c)²) (c = 1), whose gradient vanishes for large residuals, so
   heavy-tailed outliers barely move the fit.
+
+Losses that also read the parameters being adapted (`PARAM_CANDIDATES`, called as
+`(predictions, targets, params)`; chosen by name like the others but never part of a default
+candidate set):
+
+- `mse_l1`: MSE + 0.2·Σ|w| over the weight tensors (names ending in `weight`; biases are not
+  penalised): AutoLoss's second candidate for its linear-regression task (Xu et al., ICLR 2019).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +107,32 @@ CANDIDATES: dict[str, dict[str, Callable[[Tensor, Tensor], Tensor]]] = {
     "regression": {"mse": mse, "l1": l1, "huber": huber, "log_cosh": log_cosh, "cauchy": cauchy},
 }
 """The candidate sets of issue 15 (point 4), by task kind; the first of each is the task's own loss."""
+
+
+def mse_l1(predictions: Tensor, targets: Tensor, params: Mapping[str, Tensor], weight: float = 0.2) -> Tensor:
+    """MSE + weight·Σ|w| over the tensors of `params` whose name ends in `weight`."""
+    penalty = sum(p.abs().sum() for n, p in params.items() if n.endswith("weight"))
+    return F.mse_loss(predictions, targets) + weight * penalty
+
+
+PARAM_CANDIDATES: dict[str, dict[str, Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]]] = {
+    "classification": {},
+    "regression": {"mse_l1": mse_l1},
+}
+"""Candidates that also read the parameters being adapted (a penalty on the weights), by task kind."""
+
+CandidateFn = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]
+
+
+def candidate_fn(kind: str, name: str) -> CandidateFn:
+    """The candidate `name` of `kind` as `(predictions, targets, params) -> loss` (a loss of
+    `CANDIDATES` ignores the params)."""
+    if name in PARAM_CANDIDATES[kind]:
+        return PARAM_CANDIDATES[kind][name]
+    loss = CANDIDATES[kind][name]
+    return lambda predictions, targets, params: loss(predictions, targets)
+
+
+def known_candidates(kind: str) -> list[str]:
+    """Every candidate name of `kind`: `CANDIDATES` then `PARAM_CANDIDATES`."""
+    return [*CANDIDATES[kind], *PARAM_CANDIDATES[kind]]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_meta.losses.candidates import CANDIDATES
+from lightning_meta.losses.candidates import candidate_fn, known_candidates
 from lightning_meta.task import Params, Task
 
 __all__ = ["CandidateLoss", "InnerLoss", "ML3Loss", "TaskLoss", "task_kind"]
@@ -70,12 +70,13 @@ class CandidateLoss(InnerLoss):
     Args:
         name: a candidate of the task's kind: classification `cross_entropy`,
             `label_smoothed_cross_entropy`, `focal`, `generalised_cross_entropy`, `mse_one_hot`;
-            regression `mse`, `l1`, `huber`, `log_cosh`, `cauchy`.
+            regression `mse`, `l1`, `huber`, `log_cosh`, `cauchy`, and `mse_l1` (MSE + 0.2·Σ|w|
+            over the weights, AutoLoss's).
     """
 
     def __init__(self, name: str) -> None:
         super().__init__()
-        known = {n: kind for kind, losses in CANDIDATES.items() for n in losses}
+        known = {n: kind for kind in ("classification", "regression") for n in known_candidates(kind)}
         if name not in known:
             raise ValueError(f"inner_loss name={name!r} is not a candidate loss; choose one of {sorted(known)}")
         self.name, self.kind = name, known[name]
@@ -85,9 +86,9 @@ class CandidateLoss(InnerLoss):
         if kind != self.kind:
             raise ValueError(
                 f"inner_loss {self.name!r} is a {self.kind} loss but these tasks are {kind}: choose one of "
-                f"{sorted(CANDIDATES[kind])}"
+                f"{sorted(known_candidates(kind))}"
             )
-        return CANDIDATES[self.kind][self.name](predict(task.support_x), task.support_y)
+        return candidate_fn(self.kind, self.name)(predict(task.support_x), task.support_y, params)
 
 
 class ML3Loss(InnerLoss):

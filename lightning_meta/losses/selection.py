@@ -16,6 +16,18 @@ norm of its gradient, and the spread of the task loss over the support examples 
 max of the per-example losses), each through log1p. A corrupted support set shows up as a
 per-example loss whose max is far above its median and as candidates that disagree.
 
+**The second candidate axis: step sizes.** Every selector also takes `lr_scales`, multipliers of
+the inner step: the candidates are then the product (loss × scale), named `<loss>@<scale>`
+(`mse@0.1`), and one mechanism chooses "which loss, which step size" (one loss and several scales
+choose the step size alone). A scale s multiplies the candidate's loss, so its gradient, so the
+step of any update rule linear in the gradient (SGD, Meta-SGD's and MAML++'s learned rates: θ −
+α ⊙ g): with SGD at `inner_lr` α the candidate (L, s) takes the step −s·α·∇L, i.e. the inner
+learning rate s·α. The mixture's step is then Σ_c w_c·s_c·α·∇L_c, the softmax-weighted combination
+of the candidate steps; a one-hot mixture is that candidate's learning rate (float64 test, equal
+up to rounding: α·(s·g) against (s·α)·g). With a rule that is not linear in the gradient (a
+learned LSTM optimizer, which also reads the loss) a scale rescales what the rule reads, not its
+step. Without `lr_scales` the candidates are the losses alone and every number is as before.
+
 A selector keeps its choice for the task across the task's inner steps (state in Python), so it
 runs on the loop path (`vmap_blocker`). After each task the learner calls `after_task(query_loss)`
 (the reward of the choice; `PolicyLoss` returns its REINFORCE surrogate, whose value is zero and
@@ -30,11 +42,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.losses.candidates import CANDIDATES
+from lightning_meta.losses.candidates import CANDIDATES, candidate_fn, known_candidates
 from lightning_meta.losses.inner import InnerLoss, Predict, task_kind
 from lightning_meta.task import Params, Task
 
-__all__ = ["BanditLoss", "MixtureLoss", "PolicyLoss", "combine", "task_features"]
+__all__ = ["BanditLoss", "MixtureLoss", "PolicyLoss", "candidate_name", "combine", "task_features"]
+
+
+def candidate_name(loss: str, lr_scale: float | None) -> str:
+    """A candidate's name in logs: the loss alone, or `<loss>@<scale>` on the step-size axis."""
+    return loss if lr_scale is None else f"{loss}@{lr_scale:g}"
 
 
 def per_example_task_loss(predictions: Tensor, targets: Tensor) -> Tensor:
@@ -47,12 +64,11 @@ def per_example_task_loss(predictions: Tensor, targets: Tensor) -> Tensor:
 def task_features(params: Params, task: Task, predict: Predict, candidates: list[str], kind: str) -> Tensor:
     """`[2·C + 3]` detached features of a task at `params` (θ0): each candidate's support loss and
     gradient norm, and the mean, median and max of the per-example task loss, all through log1p."""
-    losses = CANDIDATES[kind]
     predictions = predict(task.support_x)
     values, norms = [], []
     tensors = [p for p in params.values() if p.requires_grad]
     for name in candidates:
-        loss = losses[name](predictions, task.support_y)
+        loss = candidate_fn(kind, name)(predictions, task.support_y, params)
         values.append(loss.detach())
         if tensors:
             grads = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
@@ -64,16 +80,33 @@ def task_features(params: Params, task: Task, predict: Predict, candidates: list
     return torch.log1p(torch.cat([torch.stack(values), torch.stack(norms), spread]).clamp_min(0))
 
 
-def combine(weights: Tensor, predictions: Tensor, targets: Tensor, candidates: list[str], kind: str) -> Tensor:
-    """Σ_c weights[c]·L_c(predictions, targets); a zero weight's loss is not computed, so a one-hot
-    `weights` is exactly that candidate's loss."""
-    losses = CANDIDATES[kind]
-    total = None
-    for w, name in zip(weights, candidates, strict=True):
+def combine(
+    weights: Tensor,
+    predictions: Tensor,
+    targets: Tensor,
+    candidates: list[str],
+    kind: str,
+    params: Params | None = None,
+    lr_scales: list[float | None] | None = None,
+) -> Tensor:
+    """Σ_c weights[c]·s_c·L_c(predictions, targets), s_c = `lr_scales[c]` (None: 1, not multiplied).
+
+    `candidates` names each weight's loss (a loss may repeat, with different scales: each loss is
+    computed once, with the sum of its coefficients). A zero weight's loss is not computed and a
+    coefficient of exactly 1 multiplies nothing, so a one-hot `weights` is exactly that candidate's
+    loss (times its scale). `params` reaches the losses that read the weights (`mse_l1`).
+    """
+    scales = [None] * len(candidates) if lr_scales is None else lr_scales
+    coefficients: dict[str, Tensor] = {}
+    for w, name, scale in zip(weights, candidates, scales, strict=True):
         if not w.requires_grad and float(w) == 0.0:
             continue
-        term = losses[name](predictions, targets)
-        term = term if (not w.requires_grad and float(w) == 1.0) else w * term
+        c = w if scale is None else w * scale
+        coefficients[name] = c if name not in coefficients else coefficients[name] + c
+    total = None
+    for name, c in coefficients.items():
+        term = candidate_fn(kind, name)(predictions, targets, {} if params is None else params)
+        term = term if (not c.requires_grad and float(c) == 1.0) else c * term
         total = term if total is None else total + term
     if total is None:
         raise ValueError("combine: every weight is zero")
@@ -85,19 +118,43 @@ class _Selector(InnerLoss):
 
     vmap_blocker = "a loss selector keeps its per-task choice across the inner steps in Python"
 
-    def __init__(self, candidates: list[str] | None, kind: str) -> None:
+    def __init__(self, candidates: list[str] | None, kind: str, lr_scales: list[float] | None = None) -> None:
         super().__init__()
         if kind not in CANDIDATES:
             raise ValueError(f"kind={kind!r} must be one of {sorted(CANDIDATES)}")
-        candidates = list(CANDIDATES[kind]) if candidates is None else list(candidates)
-        unknown = [c for c in candidates if c not in CANDIDATES[kind]]
-        if unknown or len(candidates) < 2:
+        losses = list(CANDIDATES[kind]) if candidates is None else list(candidates)
+        known = known_candidates(kind)
+        unknown = [c for c in losses if c not in known]
+        single_loss_ok = lr_scales is not None and len(lr_scales) >= 2 and len(losses) == 1
+        if unknown or len(set(losses)) != len(losses) or not (len(losses) >= 2 or single_loss_ok):
             raise ValueError(
-                f"candidates={candidates} must be at least two {kind} losses of {sorted(CANDIDATES[kind])}"
-                + (f" ({unknown} are not)" if unknown else "")
+                f"candidates={losses} must be at least two distinct {kind} losses of {sorted(known)} (or one "
+                "loss with at least two lr_scales)" + (f" ({unknown} are not)" if unknown else "")
             )
-        self.candidates, self.kind = candidates, kind
+        if lr_scales is not None:
+            lr_scales = [float(s) for s in lr_scales]
+            if (
+                not lr_scales
+                or not all(math.isfinite(s) and s > 0 for s in lr_scales)
+                or len(set(lr_scales)) != len(lr_scales)
+            ):
+                raise ValueError(
+                    f"lr_scales={lr_scales} must be distinct positive multipliers of the inner step "
+                    "(e.g. [0.3, 1.0, 3.0]: with SGD, inner learning rates inner_lr × each)"
+                )
+        self.kind, self.losses, self.lr_scales = kind, losses, lr_scales
+        scales: list[float | None] = [None] if lr_scales is None else list(lr_scales)
+        self.pairs: list[tuple[str, float | None]] = [(loss, s) for loss in losses for s in scales]
+        """Each candidate's (loss, step multiplier or None)."""
+        self.candidates = [candidate_name(loss, scale) for loss, scale in self.pairs]
+        """Each candidate's name (the loss itself without `lr_scales`): the keys of `*/choice/<name>`."""
         self._choices: list[int] = []
+
+    def candidate_loss(self, index: int, params: Params, task: Task, predict: Predict) -> Tensor:
+        """Candidate `index`'s support loss at `params`: its loss, times its step multiplier if any."""
+        loss, scale = self.pairs[index]
+        value = candidate_fn(self.kind, loss)(predict(task.support_x), task.support_y, params)
+        return value if scale is None else scale * value
 
     def _check_kind(self, task: Task) -> None:
         kind = task_kind(task.support_y)
@@ -117,16 +174,17 @@ class _Selector(InnerLoss):
 
 
 class _FeatureSelector(_Selector):
-    def __init__(self, candidates: list[str] | None, kind: str, hidden: int) -> None:
-        super().__init__(candidates, kind)
-        width = 2 * len(self.candidates) + 3
+    def __init__(self, candidates: list[str] | None, kind: str, hidden: int, lr_scales: list[float] | None) -> None:
+        super().__init__(candidates, kind, lr_scales)
+        # Features per distinct loss (a scaled copy of a loss says nothing new), one output per candidate.
+        width = 2 * len(self.losses) + 3
         self.selector = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, len(self.candidates)))
         # Start uniform: every candidate equally likely until the meta-gradient says otherwise.
         nn.init.zeros_(self.selector[-1].weight)
         nn.init.zeros_(self.selector[-1].bias)
 
     def logits(self, params: Params, task: Task, predict: Predict) -> Tensor:
-        features = task_features(params, task, predict, self.candidates, self.kind)
+        features = task_features(params, task, predict, self.losses, self.kind)
         return self.selector(features.to(self.selector[0].weight.dtype))
 
 
@@ -139,6 +197,8 @@ class MixtureLoss(_FeatureSelector):
         hidden: width of the selector's hidden layer.
         eval_choice: at validation and test, "argmax" (the most weighted candidate alone) or
             "mixture".
+        lr_scales: the step-size axis (module docstring): multipliers of the inner step; the
+            candidates become every (loss, scale). None: the losses alone.
     """
 
     def __init__(
@@ -147,8 +207,9 @@ class MixtureLoss(_FeatureSelector):
         kind: str = "regression",
         hidden: int = 32,
         eval_choice: str = "argmax",
+        lr_scales: list[float] | None = None,
     ) -> None:
-        super().__init__(candidates, kind, hidden)
+        super().__init__(candidates, kind, hidden, lr_scales)
         if eval_choice not in ("argmax", "mixture"):
             raise ValueError(f"eval_choice={eval_choice!r} must be 'argmax' or 'mixture'")
         self.eval_choice = eval_choice
@@ -166,7 +227,9 @@ class MixtureLoss(_FeatureSelector):
         if step == 0 or self._weights is None:
             self._weights = self.weights(params, task, predict)
             self._choices.append(int(self._weights.detach().argmax()))
-        return combine(self._weights, predict(task.support_x), task.support_y, self.candidates, self.kind)
+        losses = [loss for loss, _ in self.pairs]
+        scales = [scale for _, scale in self.pairs]
+        return combine(self._weights, predict(task.support_x), task.support_y, losses, self.kind, params, scales)
 
 
 class PolicyLoss(_FeatureSelector):
@@ -183,6 +246,8 @@ class PolicyLoss(_FeatureSelector):
         hidden: width of the policy's hidden layer.
         baseline_momentum: the running-mean baseline's momentum.
         entropy_coef: weight of the entropy bonus.
+        lr_scales: the step-size axis (module docstring): multipliers of the inner step; the
+            candidates become every (loss, scale). None: the losses alone.
     """
 
     def __init__(
@@ -192,8 +257,9 @@ class PolicyLoss(_FeatureSelector):
         hidden: int = 32,
         baseline_momentum: float = 0.9,
         entropy_coef: float = 0.0,
+        lr_scales: list[float] | None = None,
     ) -> None:
-        super().__init__(candidates, kind, hidden)
+        super().__init__(candidates, kind, hidden, lr_scales)
         if not 0 <= baseline_momentum < 1:
             raise ValueError(f"baseline_momentum={baseline_momentum} must be in [0, 1)")
         self.baseline_momentum, self.entropy_coef = baseline_momentum, entropy_coef
@@ -211,7 +277,7 @@ class PolicyLoss(_FeatureSelector):
             choice = dist.sample() if self.training else logits.argmax()
             self._choice, self._log_prob, self._entropy = int(choice), dist.log_prob(choice), dist.entropy()
             self._choices.append(self._choice)
-        return CANDIDATES[self.kind][self.candidates[self._choice]](predict(task.support_x), task.support_y)
+        return self.candidate_loss(self._choice, params, task, predict)
 
     def after_task(self, query_loss: Tensor, training: bool) -> Tensor | None:
         log_prob, entropy = self._log_prob, self._entropy
@@ -241,10 +307,18 @@ class BanditLoss(_Selector):
         candidates: candidate names (default: all of `kind`).
         kind: "regression" or "classification".
         exploration: c, the exploration bonus's scale (in units of the reward).
+        lr_scales: the step-size axis (module docstring): multipliers of the inner step; the
+            candidates become every (loss, scale). None: the losses alone.
     """
 
-    def __init__(self, candidates: list[str] | None = None, kind: str = "regression", exploration: float = 1.0) -> None:
-        super().__init__(candidates, kind)
+    def __init__(
+        self,
+        candidates: list[str] | None = None,
+        kind: str = "regression",
+        exploration: float = 1.0,
+        lr_scales: list[float] | None = None,
+    ) -> None:
+        super().__init__(candidates, kind, lr_scales)
         if exploration < 0:
             raise ValueError(f"exploration={exploration} must be >= 0")
         self.exploration = exploration
@@ -267,7 +341,7 @@ class BanditLoss(_Selector):
         if step == 0 or self._choice is None:
             self._choice = self.choose()
             self._choices.append(self._choice)
-        return CANDIDATES[self.kind][self.candidates[self._choice]](predict(task.support_x), task.support_y)
+        return self.candidate_loss(self._choice, params, task, predict)
 
     def after_task(self, query_loss: Tensor, training: bool) -> Tensor | None:
         choice, self._choice = self._choice, None

@@ -15,7 +15,7 @@ cut into windows (`truncated_unroll`: the reference script unrolls 100 steps in 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +101,7 @@ def detached(value: object) -> object:
 
 
 def truncated_unroll(
-    loss_fn: Callable[[Params], Tensor],
+    loss_fn: Callable[[Params], Tensor] | Sequence[Callable[[Params], Tensor]],
     params: Params,
     rule: UpdateRule,
     steps: int,
@@ -111,13 +111,17 @@ def truncated_unroll(
     """Run `rule` for `steps` steps on `loss_fn`, cut into windows of `window` steps (truncated
     back-propagation through time, as the reference training script: 100 steps in windows of 20).
 
-    Yields, per window, its meta-loss (the mean of `loss_fn` after each of its steps) and the
-    parameters at its end. Take the meta-gradient and step the outer optimizer between yields:
-    the next window starts from the parameters and rule state detached, so no graph reaches
-    back into an earlier window, and it runs with the rule's updated weights.
+    Yields, per window, its meta-loss (the mean of the losses of the parameters after each of
+    its steps) and the parameters at its end. Take the meta-gradient and step the outer
+    optimizer between yields: the next window starts from the parameters and rule state
+    detached, so no graph reaches back into an earlier window, and it runs with the rule's
+    updated weights.
 
     Args:
-        loss_fn: the optimizee's loss as a function of its parameters.
+        loss_fn: the optimizee's loss as a function of its parameters; or, for a stochastic
+            optimizee (a minibatch per step, as the paper's MNIST network), `steps + 1` of
+            them, where the k-th gives θ_k's gradient and scores θ_k in the meta-loss, so each
+            θ_k is scored on the minibatch its own step is taken on, as the reference code does.
         params: θ0 (detached from any graph).
         rule: the update rule being meta-trained.
         steps: the unroll length.
@@ -127,13 +131,22 @@ def truncated_unroll(
     """
     if steps < 1 or window < 1:
         raise ValueError(f"truncated_unroll needs steps >= 1 and window >= 1, got {steps}, {window}")
+    if callable(loss_fn):
+        loss_at: Sequence[Callable[[Params], Tensor]] = [loss_fn] * (steps + 1)
+    else:
+        loss_at = list(loss_fn)
+        if len(loss_at) != steps + 1:
+            raise ValueError(
+                f"truncated_unroll got {len(loss_at)} loss functions for steps={steps}: pass one function, or "
+                f"steps + 1 = {steps + 1} of them (one per θ_0..θ_steps)"
+            )
     params, state, done = detached(params), None, 0
     state = rule.init_state(params)
     while done < steps:
         losses = []
         for step in range(done, min(done + window, steps)):
-            params, state = update_step(loss_fn, params, rule, state, step, first_order)
-            losses.append(loss_fn(params))
+            params, state = update_step(loss_at[step], params, rule, state, step, first_order)
+            losses.append(loss_at[step + 1](params))
         done += len(losses)
         yield torch.stack(losses).mean(), params
         params, state = detached(params), detached(state)
