@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -82,6 +83,39 @@ class SaveGradients(pl.Callback):
             torch.save({"grads": grads, "world_size": trainer.world_size}, self.path)
 
 
+def one_step_trainer(devices: int, out: str) -> pl.Trainer:
+    """One training step in float64, on `devices` gloo processes, its gradient saved to `out`.
+
+    `inference_mode=False`: gradient-based learners adapt inside validation (the others validate
+    under `no_grad` then, with the same numbers)."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        precision="64-true",
+        max_steps=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        callbacks=[SaveGradients(out)],
+    )
+
+
+def fit_validate_and_save(
+    trainer: pl.Trainer, model: pl.LightningModule, data: pl.LightningDataModule, out: str, **extra: Callable
+) -> None:
+    """Fit (the one step), validate, and add the validation metrics and `extra` (name: a function
+    of the trained model) to the saved gradient on rank 0."""
+    trainer.fit(model, datamodule=data)
+    (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
+    if trainer.global_rank == 0:
+        saved = torch.load(out)
+        torch.save({**saved, "val": metrics, **{k: f(model) for k, f in extra.items()}}, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--algorithm", choices=list(ALGORITHMS), required=True)
@@ -92,27 +126,9 @@ def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     model = ALGORITHMS[args.algorithm]()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
-        precision="64-true",
-        max_steps=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        callbacks=[SaveGradients(args.out)],
-    )
     # 5 validation tasks: 3 + 2 over two ranks, so the uneven gather is exercised too.
     data = SyntheticClassesDataModule(tasks_per_batch=args.tasks_per_batch, val_tasks=5)
-    trainer.fit(model, datamodule=data)
-    (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
-    if trainer.global_rank == 0:
-        saved = torch.load(args.out)
-        torch.save({**saved, "val": metrics}, args.out)
+    fit_validate_and_save(one_step_trainer(args.devices, args.out), model, data, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from lightning_meta.algorithms import MAMLRL
 from lightning_meta.data import RLTaskDataModule
 from lightning_meta.envs import Navigation2D
-from tests.ddp_gradients import SaveGradients
+from tests.ddp_gradients import fit_validate_and_save, one_step_trainer
 
 
 def main() -> None:
@@ -30,28 +30,10 @@ def main() -> None:
     pl.seed_everything(0)
     family = Navigation2D(horizon=4)
     model = MAMLRL(family, hidden_sizes=(8,), trajectories=3, outer=args.outer)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
-        precision="64-true",
-        max_steps=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        callbacks=[SaveGradients(args.out)],
-    )
     # 5 validation tasks: 3 + 2 over two ranks, so the uneven gather is exercised too.
     data = RLTaskDataModule(family, tasks_per_batch=args.tasks_per_batch, val_tasks=5, eval_tasks_per_batch=5)
-    trainer.fit(model, datamodule=data)
-    (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
-    if trainer.global_rank == 0:
-        saved = torch.load(args.out)
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        torch.save({**saved, "val": metrics, "params": params}, args.out)
+    params = lambda m: {n: p.detach().clone() for n, p in m.named_parameters()}  # noqa: E731
+    fit_validate_and_save(one_step_trainer(args.devices, args.out), model, data, args.out, params=params)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from lightning_meta.algorithms import PEARL
 from lightning_meta.data import RLTaskDataModule
 from lightning_meta.envs import Navigation2D
-from tests.ddp_gradients import SaveGradients
+from tests.ddp_gradients import fit_validate_and_save, one_step_trainer
 
 
 def main() -> None:
@@ -42,28 +42,13 @@ def main() -> None:
         batch_size=6,
         context_batch=4,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
-        precision="64-true",
-        max_steps=1,  # the encoder's optimizer step: every gradient exists by then (one backward)
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SaveGradients(args.out)],
-    )
     # A pool of 8 tasks, so 2 ranks × 4 hold disjoint tasks; 5 validation tasks: 3 + 2 over two ranks.
     data = RLTaskDataModule(
         family, tasks_per_batch=args.tasks_per_batch, val_tasks=5, eval_tasks_per_batch=5, train_pool=8
     )
-    trainer.fit(model, datamodule=data)
-    (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
-    if trainer.global_rank == 0:
-        saved = torch.load(args.out)
-        torch.save({**saved, "val": metrics, "held": sorted(model.replay)}, args.out)
+    # max_steps=1 is the encoder's optimizer step: every gradient exists by then (one backward).
+    trainer = one_step_trainer(args.devices, args.out)
+    fit_validate_and_save(trainer, model, data, args.out, held=lambda m: sorted(m.replay))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from lightning_meta.algorithms import RL2
 from lightning_meta.data import RLTaskDataModule
 from lightning_meta.envs import TabularMDP
-from tests.ddp_gradients import SaveGradients
+from tests.ddp_gradients import fit_validate_and_save, one_step_trainer
 
 
 def main() -> None:
@@ -30,26 +30,10 @@ def main() -> None:
     family = TabularMDP(states=4, actions=3, horizon=3, episodes=2)
     # One PPO epoch of one minibatch: the step's gradient is the mean over all ranks' trials.
     model = RL2(family, hidden_size=8, ppo_epochs=1, minibatches=1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
-        precision="64-true",
-        max_steps=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SaveGradients(args.out)],
-    )
     # 5 validation tasks: 3 + 2 over two ranks, so the uneven gather is exercised too.
     data = RLTaskDataModule(family, tasks_per_batch=args.tasks_per_batch, val_tasks=5, eval_tasks_per_batch=5)
-    trainer.fit(model, datamodule=data)
-    (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
-    if trainer.global_rank == 0:
-        saved = torch.load(args.out)
-        torch.save({**saved, "val": metrics, "value_stats": model.value_stats()}, args.out)
+    trainer = one_step_trainer(args.devices, args.out)
+    fit_validate_and_save(trainer, model, data, args.out, value_stats=lambda m: m.value_stats())
 
 
 if __name__ == "__main__":
