@@ -122,13 +122,21 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--tasks-per-batch", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--half-out",
+        help="one process only: then also fit on half the tasks, saved here (one launch instead of two)",
+    )
     args = parser.parse_args()
+    if args.half_out and args.devices != 1:
+        parser.error("--half-out runs in the single process only")
     torch.set_num_threads(1)
-    pl.seed_everything(0)
-    model = ALGORITHMS[args.algorithm]()
-    # 5 validation tasks: 3 + 2 over two ranks, so the uneven gather is exercised too.
-    data = SyntheticClassesDataModule(tasks_per_batch=args.tasks_per_batch, val_tasks=5)
-    fit_validate_and_save(one_step_trainer(args.devices, args.out), model, data, args.out)
+    runs = [(args.tasks_per_batch, args.out)] + ([(args.tasks_per_batch // 2, args.half_out)] if args.half_out else [])
+    for tasks_per_batch, out in runs:
+        pl.seed_everything(0)
+        model = ALGORITHMS[args.algorithm]()
+        # 5 validation tasks: 3 + 2 over two ranks, so the uneven gather is exercised too.
+        data = SyntheticClassesDataModule(tasks_per_batch=tasks_per_batch, val_tasks=5)
+        fit_validate_and_save(one_step_trainer(args.devices, out), model, data, out)
 
 
 if __name__ == "__main__":
