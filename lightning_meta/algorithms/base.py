@@ -195,6 +195,19 @@ def mean_and_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
     return values.mean(), student_t_quantile(0.975, n - 1) * values.std(unbiased=True) / math.sqrt(n)
 
 
+def gather_per_task(module: pl.LightningModule, values: Tensor) -> Tensor:
+    """All ranks' per-task values `[n]`, concatenated in rank order. Ranks may hold different
+    numbers of evaluation tasks (dealt round-robin), so each pads to the largest count with NaN
+    for `all_gather` and the padding is dropped after."""
+    if module.trainer.world_size == 1:
+        return values
+    counts = module.all_gather(torch.tensor([values.numel()], device=values.device)).flatten()
+    padded = torch.full((int(counts.max()),), float("nan"), dtype=values.dtype, device=values.device)
+    padded[: values.numel()] = values
+    gathered = module.all_gather(padded)
+    return torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
+
+
 class MetaLearner(pl.LightningModule):
     """Shared train/validation/test steps of a meta-learner over `TaskBatch`es.
 
@@ -537,21 +550,11 @@ class MetaLearner(pl.LightningModule):
             )
         return torch.stack([self.adapt_to(task.support_x, task.support_y)(task.query_x) for task in batch])
 
-    def _gather(self, values: Tensor) -> Tensor:
-        """All ranks' per-task values, concatenated (ranks may hold different counts)."""
-        if self.trainer.world_size == 1:
-            return values
-        counts = self.all_gather(torch.tensor([values.numel()], device=values.device)).flatten()
-        padded = torch.full((int(counts.max()),), float("nan"), dtype=values.dtype, device=values.device)
-        padded[: values.numel()] = values
-        gathered = self.all_gather(padded)
-        return torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
-
     def _eval_epoch_end(self, stage: str) -> None:
         outputs, self._eval_outputs = self._eval_outputs, []
         if not outputs:
             return
-        gathered = {key: self._gather(torch.cat([o[key] for o in outputs])) for key in outputs[0]}
+        gathered = {key: gather_per_task(self, torch.cat([o[key] for o in outputs])) for key in outputs[0]}
         task_type = gathered.pop("task_type", None)
         for key, values in gathered.items():
             mean, ci95 = mean_and_ci95(values)

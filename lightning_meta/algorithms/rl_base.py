@@ -32,7 +32,7 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_meta.algorithms.base import mean_and_ci95
+from lightning_meta.algorithms.base import gather_per_task, mean_and_ci95
 from lightning_meta.envs.baselines import baselines
 from lightning_meta.envs.families import TaskFamily, TaskSpecBatch
 
@@ -115,22 +115,12 @@ class MetaRLLearner(pl.LightningModule):
             return values
         return self.all_gather(values).flatten(0, 1)
 
-    def _gather_tasks(self, values: Tensor) -> Tensor:
-        # Ranks may hold different numbers of evaluation tasks (dealt round-robin): pad with NaN.
-        if self.trainer.world_size == 1:
-            return values
-        counts = self.all_gather(torch.tensor([values.numel()], device=values.device)).flatten()
-        padded = torch.full((int(counts.max()),), float("nan"), dtype=values.dtype, device=values.device)
-        padded[: values.numel()] = values
-        gathered = self.all_gather(padded)
-        return torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
-
     def _eval_epoch_end(self, stage: str) -> None:
         outputs, self._eval_outputs = self._eval_outputs, []
         if not outputs:
             return
         for key in outputs[0]:
-            values = self._gather_tasks(torch.cat([o[key] for o in outputs]))
+            values = gather_per_task(self, torch.cat([o[key] for o in outputs]))
             mean, ci95 = mean_and_ci95(values)
             self.log(f"{stage}/{key}", mean, prog_bar=key == "return")
             self.log(f"{stage}/{key}_ci95", ci95)
