@@ -55,6 +55,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_meta.algorithms.policy_gradient import gaussian_log_prob
 from lightning_meta.algorithms.rl_base import MetaRLLearner
 from lightning_meta.envs.families import TaskFamily, Tasks, TaskSpecBatch, step_noise
 
@@ -110,7 +111,7 @@ class TanhGaussianPolicy(nn.Module):
         mean, log_std = self.net(x).split(self.actions, -1)
         log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
         u = mean if eps is None else mean + log_std.exp() * eps
-        log_prob = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = gaussian_log_prob(mean, log_std, u)
         log_prob = log_prob - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)  # log(1 - tanh(u)²), stably
         return self.scale * torch.tanh(u), log_prob, mean, log_std
 
