@@ -75,3 +75,35 @@ def quiet_trainer(**overrides) -> pl.Trainer:
         "enable_model_summary": False,
     }
     return pl.Trainer(**{**quiet, **overrides})
+
+
+def cli_fit_with_checkpoints(config: str, tmp_path, max_steps: int, every_n_train_steps: int, *overrides: str):
+    """`lightning-meta fit --config configs/<config>` in-process, quiet, no time limit, checkpoints
+    every `every_n_train_steps` under `<tmp_path>/ckpt`, no test after fit; `overrides` come last.
+    Returns the LightningCLI (its `.model`, `.trainer`)."""
+    from pathlib import Path
+
+    from lightning_meta.cli import run_cli
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [
+        "fit",
+        "--config",
+        str(repo / "configs" / config),
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.max_time=null",
+        f"--trainer.max_steps={max_steps}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path}/ckpt",
+        f"--checkpoint.every_n_train_steps={every_n_train_steps}",
+        "--test_after_fit=false",
+        *overrides,
+    ]
+    return run_cli(args)
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The two modules' state dicts hold the same names and bit-identical tensors."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)

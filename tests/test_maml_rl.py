@@ -28,6 +28,7 @@ from lightning_meta.data import RLTaskDataModule, TaskSpecStream
 from lightning_meta.data.sampler import TRAIN
 from lightning_meta.envs import BernoulliBandit, Navigation2D
 from lightning_meta.inner_loop import named_params
+from tests.helpers import assert_same_state, cli_fit_with_checkpoints
 
 FAMILY = Navigation2D(horizon=6)
 REPO = Path(__file__).resolve().parents[1]
@@ -291,22 +292,13 @@ def test_one_trpo_iteration_keeps_the_kl_bound_and_improves_the_surrogate(tmp_pa
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def _cli_fit(tmp_path: Path, max_steps: int, *extra: str) -> MAMLRL:
-    from lightning_meta.cli import run_cli
-
-    args = [
-        "fit",
-        "--config",
-        str(REPO / "configs/nav2d/maml_rl.yaml"),
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.max_time=null",
-        f"--trainer.max_steps={max_steps}",
+def _cli_fit(tmp_path: Path, max_steps: int, *extra: str):
+    return cli_fit_with_checkpoints(
+        "nav2d/maml_rl.yaml",
+        tmp_path,
+        max_steps,
+        2,
         "--trainer.val_check_interval=2",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path}/ckpt",
-        "--checkpoint.every_n_train_steps=2",
-        "--test_after_fit=false",
         "--model.init_args.hidden_sizes=[16]",
         "--model.init_args.trajectories=3",
         "--model.init_args.family.init_args.horizon=5",
@@ -315,8 +307,7 @@ def _cli_fit(tmp_path: Path, max_steps: int, *extra: str) -> MAMLRL:
         "--data.init_args.val_tasks=3",
         "--data.init_args.batches_per_epoch=4",
         *extra,
-    ]
-    return run_cli(args)
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
@@ -330,8 +321,7 @@ def test_a_short_fit_through_the_cli_and_a_checkpoint_round_trip(tmp_path, outer
         assert torch.isfinite(metrics[key]), key
     loaded = MAMLRL.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert loaded.family == Navigation2D(horizon=5) and loaded.outer == outer and loaded.trajectories == 3
-    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_state(model, loaded)
 
 
 # ---- DDP -------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from lightning_meta.data import RLTaskDataModule, TaskSpecStream
 from lightning_meta.data.sampler import TRAIN
 from lightning_meta.envs import BernoulliBandit, Navigation2D
 from lightning_meta.envs.families import Noise, TaskFamily, Tasks
+from tests.helpers import assert_same_state, cli_fit_with_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -272,21 +273,12 @@ def test_the_training_pool_cycles_through_fixed_tasks_with_fresh_noise():
 
 
 def _cli_fit(tmp_path: Path, max_steps: int, *extra: str) -> PEARL:
-    from lightning_meta.cli import run_cli
-
-    args = [
-        "fit",
-        "--config",
-        str(REPO / "configs/nav2d/pearl.yaml"),
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.max_time=null",
-        f"--trainer.max_steps={max_steps}",
+    return cli_fit_with_checkpoints(
+        "nav2d/pearl.yaml",
+        tmp_path,
+        max_steps,
+        8,  # optimizer steps: 4 per gradient step
         "--trainer.val_check_interval=2",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path}/ckpt",
-        "--checkpoint.every_n_train_steps=8",  # optimizer steps: 4 per gradient step
-        "--test_after_fit=false",
         "--model.init_args.family.init_args.horizon=6",
         "--data.init_args.family.init_args.horizon=6",
         "--model.init_args.hidden_size=8",
@@ -300,8 +292,7 @@ def _cli_fit(tmp_path: Path, max_steps: int, *extra: str) -> PEARL:
         "--data.init_args.val_tasks=3",
         "--data.init_args.batches_per_epoch=3",
         *extra,
-    ]
-    return run_cli(args).model
+    ).model
 
 
 # A checkpoint of a training step is written after its gradient steps, which is what a resume needs.
@@ -315,8 +306,7 @@ def test_a_short_fit_through_the_cli_resumes_exactly(tmp_path):
     _cli_fit(tmp_path / "b", 16)
     resumed = _cli_fit(tmp_path / "b", 32, f"--ckpt_path={tmp_path}/b/ckpt/last.ckpt")
     assert straight.global_step == resumed.global_step == 32  # 4 optimizers × 2 gradient steps × 4
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_state(straight, resumed)
     assert sorted(straight.replay) == sorted(resumed.replay) == [0, 1, 2, 3]
     for slot in straight.replay:
         for key in straight.replay[slot]:
@@ -326,8 +316,7 @@ def test_a_short_fit_through_the_cli_resumes_exactly(tmp_path):
     # The checkpoint alone rebuilds the agent, its family, buffers and generators.
     loaded = PEARL.load_from_checkpoint(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
     assert loaded.family == Navigation2D(horizon=6, episodes=3) and loaded.latent_dim == 5
-    for (name, a), b in zip(resumed.state_dict().items(), loaded.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_state(resumed, loaded)
     torch.testing.assert_close(loaded.replay[0]["obs"], resumed.replay[0]["obs"], rtol=0, atol=0)
 
 

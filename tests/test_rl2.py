@@ -17,6 +17,7 @@ from lightning_meta.data import RLTaskDataModule, TaskSpecStream
 from lightning_meta.data.rl import sample_spec, stack_specs
 from lightning_meta.data.sampler import TRAIN, MetaBatchSampler
 from lightning_meta.envs import BernoulliBandit, Navigation2D, TabularMDP
+from tests.helpers import assert_same_state, cli_fit_with_checkpoints
 
 
 def specs(family, n, seed=0):
@@ -208,27 +209,17 @@ def test_n_100_pulls_trains_without_collapse(tmp_path):
 
 
 def _cli_fit(tmp_path, max_steps, *extra):
-    from lightning_meta.cli import run_cli
-
-    args = [
-        "fit",
-        "--config",
-        str(Path(__file__).resolve().parents[1] / "configs/bandit/rl2.yaml"),
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.max_time=null",
-        f"--trainer.max_steps={max_steps}",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path}/ckpt",
-        "--checkpoint.every_n_train_steps=4",
-        "--test_after_fit=false",
+    return cli_fit_with_checkpoints(
+        "bandit/rl2.yaml",
+        tmp_path,
+        max_steps,
+        4,
         "--model.init_args.hidden_size=16",
         "--data.init_args.tasks_per_batch=8",
         "--data.init_args.val_tasks=8",
         "--data.init_args.batches_per_epoch=3",
         *extra,
-    ]
-    return run_cli(args).model
+    ).model
 
 
 # A checkpoint of a training step is written after its PPO updates, which is what a resume needs.
@@ -242,13 +233,11 @@ def test_a_short_fit_through_the_cli_resumes_exactly(tmp_path):
     _cli_fit(tmp_path / "b", 8)  # 2 rollouts × 4 PPO epochs; the epoch is 3 rollouts: resume mid-epoch
     resumed = _cli_fit(tmp_path / "b", 16, f"--ckpt_path={tmp_path}/b/ckpt/last.ckpt")
     assert straight.global_step == resumed.global_step == 16
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_state(straight, resumed)
     # The checkpoint alone rebuilds the agent, its family and its value statistics.
     loaded = RL2.load_from_checkpoint(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=False)
     assert loaded.family == BernoulliBandit(5, 10) and loaded.gru.hidden_size == 16
-    for (name, a), b in zip(resumed.state_dict().items(), loaded.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_state(resumed, loaded)
 
 
 @pytest.mark.parametrize("family", [BernoulliBandit(3, 4), TabularMDP(4, 3, 3, 2)], ids=repr)
