@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from lightning_meta.algorithms import MAML
@@ -17,6 +16,7 @@ from lightning_meta.cli import run_cli
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.models import MLP
 from lightning_meta.update_rules import LearnedOptimizer, MetaLSTM
+from tests.helpers import quiet_trainer
 from tests.test_resume import SINUSOID_MAML, check_resume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,16 +32,7 @@ def test_a_checkpoint_restores_the_rules_weights(tmp_path, rule):
     torch.manual_seed(0)
     model = MAML(MLP(hidden_sizes=[8]), inner_steps=3, update_rule=RULES[rule](hidden_size=4))
     initial = {k: v.clone() for k, v in model.update_rule.state_dict().items()}
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        inference_mode=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, inference_mode=False, default_root_dir=tmp_path)
     data = SinusoidDataModule(tasks_per_batch=2)
     trainer.fit(model, datamodule=data)
     # The outer optimizer trains the rule's own weights.
