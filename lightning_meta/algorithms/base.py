@@ -195,6 +195,16 @@ def mean_and_ci95(values: Tensor) -> tuple[Tensor, Tensor]:
     return values.mean(), student_t_quantile(0.975, n - 1) * values.std(unbiased=True) / math.sqrt(n)
 
 
+def refuse_inference_mode(module: pl.LightningModule, stage: str) -> None:
+    """A learner that adapts with gradients cannot run under inference mode: say so and how to fix it."""
+    if getattr(module, "adapts_with_gradients", False) and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{type(module).__name__} adapts with gradients during {stage}, which inference mode "
+            "forbids: use Trainer(inference_mode=False) (`--trainer.inference_mode=false`; the "
+            "lightning-meta CLI sets it by default)"
+        )
+
+
 def gather_per_task(module: pl.LightningModule, values: Tensor) -> Tensor:
     """All ranks' per-task values `[n]`, concatenated in rank order. Ranks may hold different
     numbers of evaluation tasks (dealt round-robin), so each pads to the largest count with NaN
@@ -504,12 +514,7 @@ class MetaLearner(pl.LightningModule):
         return with_feedback
 
     def _eval_step(self, batch: TaskBatch, stage: str) -> None:
-        if self.adapts_with_gradients and torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                f"{type(self).__name__} adapts with gradients during {stage}, which inference mode "
-                "forbids: use Trainer(inference_mode=False) (`--trainer.inference_mode=false`; the "
-                "lightning-meta CLI sets it by default)"
-            )
+        refuse_inference_mode(self, stage)
         plan = self.task_batcher.eval_plan(len(batch))
         with self._compiled(plan.path, training=False):
             for chunk in task_parallel.split(batch, plan.chunk_size):
@@ -542,12 +547,7 @@ class MetaLearner(pl.LightningModule):
     def predict_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         """Each task's query predictions `[tasks, Q, ...]`, adapted on its support set (`adapt_to`);
         the batch's `query_y` is not read."""
-        if self.adapts_with_gradients and torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                f"{type(self).__name__} adapts with gradients during predict, which inference mode "
-                "forbids: use Trainer(inference_mode=False) (`--trainer.inference_mode=false`; the "
-                "lightning-meta CLI sets it by default)"
-            )
+        refuse_inference_mode(self, "predict")
         return torch.stack([self.adapt_to(task.support_x, task.support_y)(task.query_x) for task in batch])
 
     def _eval_epoch_end(self, stage: str) -> None:

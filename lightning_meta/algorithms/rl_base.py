@@ -32,7 +32,7 @@ import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lightning_meta.algorithms.base import gather_per_task, mean_and_ci95
+from lightning_meta.algorithms.base import gather_per_task, mean_and_ci95, refuse_inference_mode
 from lightning_meta.envs.baselines import baselines
 from lightning_meta.envs.families import TaskFamily, TaskSpecBatch
 
@@ -82,12 +82,7 @@ class MetaRLLearner(pl.LightningModule):
             )
 
     def _eval_step(self, batch: TaskSpecBatch, stage: str = "evaluation") -> None:
-        if self.adapts_with_gradients and torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                f"{type(self).__name__} adapts with gradients during {stage}, which inference mode "
-                "forbids: use Trainer(inference_mode=False) (`--trainer.inference_mode=false`; the "
-                "lightning-meta CLI sets it by default)"
-            )
+        refuse_inference_mode(self, stage)
         with contextlib.nullcontext() if self.adapts_with_gradients else torch.no_grad():
             episodes = self.episode_returns(batch).detach().float()
         with torch.no_grad():
