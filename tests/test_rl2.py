@@ -283,3 +283,30 @@ def test_ddp_ppo_gradient_equals_one_process_on_the_union_of_tasks(tmp_path):
     for key in ("val/return", "val/return_ci95", "val/baseline/oracle"):
         assert abs(ddp["val"][key] - single["val"][key]) < 1e-5, key
     assert ddp["val"]["val/tasks"] == single["val"]["val/tasks"] == 5
+
+
+def test_baselines_of_a_fixed_evaluation_batch_are_computed_once_and_unchanged(monkeypatch):
+    import lightning_meta.algorithms.rl_base as rl_base
+
+    family = BernoulliBandit(3, 4)
+    calls = []
+    original = rl_base.baselines
+
+    def counting(f):
+        calls.append(f)
+        return original(f)
+
+    monkeypatch.setattr(rl_base, "baselines", counting)
+    model = RL2(family, hidden_size=8)
+    first, other = specs(family, 5, seed=0), specs(family, 5, seed=1)
+    model._eval_step(first, "validation")
+    model._eval_step(first, "validation")  # the same fixed tasks at the next validation: cached
+    assert len(calls) == 1
+    model._eval_step(other, "validation")  # other tasks: computed
+    assert len(calls) == 2
+    a, b, c = model._eval_outputs
+    for key in a:
+        if key.startswith("baseline/"):
+            assert torch.equal(a[key], b[key]), key
+            assert torch.equal(a[key], original(family)[key.removeprefix("baseline/")](first.tasks, first.noise))
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("baseline/"))

@@ -67,6 +67,7 @@ class MetaRLLearner(pl.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self._eval_outputs: list[dict[str, Tensor]] = []
+        self._baseline_cache: dict[tuple, dict[str, Tensor]] = {}  # see `_baselines`
 
     @abstractmethod
     def episode_returns(self, batch: TaskSpecBatch) -> Tensor:
@@ -92,11 +93,21 @@ class MetaRLLearner(pl.LightningModule):
                 "return_first": episodes[:, 0],
                 "return_last": episodes[:, -1],
             }
-            tasks = {key: value.cpu() for key, value in batch.tasks.items()}
-            noise = {key: value.cpu() for key, value in batch.noise.items()}
-            for name, run in baselines(self.family).items():
-                stats[f"baseline/{name}"] = run(tasks, noise).to(episodes.device)
+            for name, values in self._baselines(batch).items():
+                stats[f"baseline/{name}"] = values.to(episodes.device)
         self._eval_outputs.append(stats)
+
+    def _baselines(self, batch: TaskSpecBatch) -> dict[str, Tensor]:
+        """The family's baselines on the batch's tasks and noise. Evaluation tasks are fixed, so
+        each batch's baselines are computed once and kept (keyed by the tasks' and noise's
+        exact contents): a MuJoCo family's baselines take seconds per validation otherwise."""
+        tensors = sorted({**batch.tasks, **{f"noise/{k}": v for k, v in batch.noise.items()}}.items())
+        key = tuple((name, tuple(v.shape), v.cpu().numpy().tobytes()) for name, v in tensors)
+        if key not in self._baseline_cache:
+            tasks = {name: value.cpu() for name, value in batch.tasks.items()}
+            noise = {name: value.cpu() for name, value in batch.noise.items()}
+            self._baseline_cache[key] = {name: run(tasks, noise) for name, run in baselines(self.family).items()}
+        return self._baseline_cache[key]
 
     def validation_step(self, batch: TaskSpecBatch, batch_idx: int) -> None:
         self._eval_step(batch, "validation")
