@@ -4,7 +4,8 @@ sinusoid tasks (MLP 1-40-40-1, K = 10, 5 inner steps, tasks in a loop: the learn
 selectors are not vmapped), timed round-robin in one process on one thread (min and median of
 `--repeats`), and each one's peak memory over one meta-step in a fresh process (resident-set
 high-water mark above the start, Linux). MeTAL is a classification loss: its cost at the Omniglot
-shapes is `benchmarks/metal_cost.py`.
+shapes is `benchmarks/metal_cost.py`. (It replaces `update_rule_cost.py`, which timed one learned
+rule against SGD: `--components LearnedOptimizer`.)
 
     python benchmarks/component_cost.py                 # second order (MAML's default)
     python benchmarks/component_cost.py --first-order
