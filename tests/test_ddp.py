@@ -21,17 +21,23 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def meta_gradient(
-    algorithm: str, devices: int, tasks_per_batch: int, out: Path, half_out: Path | None = None
-) -> dict[str, torch.Tensor]:
-    command = [sys.executable, str(SCRIPT), "--algorithm", algorithm, "--devices", str(devices)]
-    command += ["--tasks-per-batch", str(tasks_per_batch), "--out", str(out)]
-    command += ["--half-out", str(half_out)] if half_out is not None else []
+def run_ddp_script(script: str, devices: int, tasks_per_batch: int, out: Path, *args: str) -> dict:
+    """Run `tests/<script>` (one training step, the gradient saved to `out`) on `devices` gloo
+    processes in a clean environment; the saved dict, checked to come from that many processes."""
+    command = [sys.executable, str(Path(__file__).with_name(script)), "--devices", str(devices)]
+    command += ["--tasks-per-batch", str(tasks_per_batch), "--out", str(out), *args]
     result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = torch.load(out)
     assert saved["world_size"] == devices
     return saved
+
+
+def meta_gradient(
+    algorithm: str, devices: int, tasks_per_batch: int, out: Path, half_out: Path | None = None
+) -> dict[str, torch.Tensor]:
+    extra = ["--half-out", str(half_out)] if half_out is not None else []
+    return run_ddp_script(SCRIPT.name, devices, tasks_per_batch, out, "--algorithm", algorithm, *extra)
 
 
 @pytest.mark.distributed

@@ -328,19 +328,9 @@ def test_a_short_fit_through_the_cli_and_a_checkpoint_round_trip(tmp_path, outer
 
 
 def _ddp_run(devices: int, tasks_per_batch: int, out: Path, outer: str = "trpo") -> dict:
-    import subprocess
-    import sys
+    from tests.test_ddp import run_ddp_script
 
-    from tests.test_ddp import clean_env
-
-    script = Path(__file__).with_name("ddp_maml_rl.py")
-    command = [sys.executable, str(script), "--devices", str(devices), "--tasks-per-batch", str(tasks_per_batch)]
-    command += ["--outer", outer, "--out", str(out)]
-    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    saved = torch.load(out)
-    assert saved["world_size"] == devices
-    return saved
+    return run_ddp_script("ddp_maml_rl.py", devices, tasks_per_batch, out, "--outer", outer)
 
 
 @pytest.mark.distributed

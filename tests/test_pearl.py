@@ -321,18 +321,9 @@ def test_a_short_fit_through_the_cli_resumes_exactly(tmp_path):
 
 
 def _ddp_run(devices: int, tasks_per_batch: int, out: Path) -> dict:
-    import subprocess
-    import sys
+    from tests.test_ddp import run_ddp_script
 
-    from tests.test_ddp import clean_env
-
-    script = Path(__file__).with_name("ddp_pearl.py")
-    command = [sys.executable, str(script), "--devices", str(devices), "--tasks-per-batch", str(tasks_per_batch)]
-    result = subprocess.run([*command, "--out", str(out)], env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    saved = torch.load(out)
-    assert saved["world_size"] == devices
-    return saved
+    return run_ddp_script("ddp_pearl.py", devices, tasks_per_batch, out)
 
 
 @pytest.mark.distributed

@@ -4,7 +4,6 @@ regression (n = 100 pulls), seeded task specs under DDP shares, and short fits t
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,18 +252,9 @@ def test_the_ppo_loss_is_finite_and_reaches_every_parameter(family):
 
 
 def _ddp_run(devices, tasks_per_batch, out):
-    import subprocess
-    import sys
+    from tests.test_ddp import run_ddp_script
 
-    from tests.test_ddp import clean_env
-
-    script = Path(__file__).with_name("ddp_rl2.py")
-    command = [sys.executable, str(script), "--devices", str(devices), "--tasks-per-batch", str(tasks_per_batch)]
-    result = subprocess.run([*command, "--out", str(out)], env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    saved = torch.load(out)
-    assert saved["world_size"] == devices
-    return saved
+    return run_ddp_script("ddp_rl2.py", devices, tasks_per_batch, out)
 
 
 @pytest.mark.distributed
