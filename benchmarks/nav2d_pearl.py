@@ -22,10 +22,10 @@ import json
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 from lightning_meta.algorithms.base import mean_and_ci95
+from lightning_meta.callbacks import CPUTimeBudget
 from lightning_meta.cli import run_cli
 from lightning_meta.data.rl import TaskSpecStream
 from lightning_meta.data.sampler import TEST
@@ -34,19 +34,12 @@ from lightning_meta.envs import baselines as B
 REPO = Path(__file__).resolve().parents[1]
 
 
-class CPUBudget(pl.Callback):
-    """Stops training once this process has used `cpu_seconds` of CPU time; records validations."""
+class CPUBudget(CPUTimeBudget):
+    """The CPU-time budget, recording each validation."""
 
     def __init__(self, cpu_seconds: float) -> None:
-        self.cpu_start, self.start, self.cpu_seconds = time.process_time(), time.perf_counter(), cpu_seconds
+        super().__init__(cpu_seconds)
         self.val: list[dict[str, float]] = []
-
-    def cpu_used(self) -> float:
-        return time.process_time() - self.cpu_start
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.cpu_used() >= self.cpu_seconds:
-            trainer.should_stop = True
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         m = trainer.callback_metrics
@@ -55,7 +48,7 @@ class CPUBudget(pl.Callback):
                 {
                     "gradient_steps": trainer.global_step // len(pl_module.optimizers()),
                     "cpu_seconds": self.cpu_used(),
-                    "wall_seconds": time.perf_counter() - self.start,
+                    "wall_seconds": self.wall_used(),
                     "return_first": float(m["val/return_first"]),
                     "return_last": float(m["val/return_last"]),
                 }

@@ -13,6 +13,7 @@ algorithm's hyperparameters:
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -133,3 +134,29 @@ class EvaluationProtocol(pl.Callback):
                 f"resuming a checkpoint trained with protocol.training={self._trained_with!r} under "
                 f"protocol.training={self.training!r}"
             )
+
+
+class CPUTimeBudget(pl.Callback):
+    """Stops training once this process has used `cpu_seconds` of CPU time since the callback was
+    built: a budget that, unlike `trainer.max_time`, does not count the time other jobs on a
+    shared machine take (the benchmarks' budgets). `cpu_used()` and `wall_used()` say how much.
+
+    Args:
+        cpu_seconds: the budget, in CPU seconds of this process (all its threads).
+    """
+
+    def __init__(self, cpu_seconds: float) -> None:
+        if cpu_seconds < 0:
+            raise ValueError(f"CPUTimeBudget cpu_seconds={cpu_seconds} must be >= 0")
+        self.cpu_seconds = cpu_seconds
+        self.cpu_start, self.start = time.process_time(), time.perf_counter()
+
+    def cpu_used(self) -> float:
+        return time.process_time() - self.cpu_start
+
+    def wall_used(self) -> float:
+        return time.perf_counter() - self.start
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.cpu_used() >= self.cpu_seconds:
+            trainer.should_stop = True
