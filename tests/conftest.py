@@ -43,3 +43,12 @@ def data_root() -> Path:
     root = Path(os.environ["LIGHTNING_META_DATA"])
     assert (root / "omniglot").is_dir(), f"real data not found under {root}: set LIGHTNING_META_DATA"
     return root
+
+
+@pytest.fixture
+def float64():
+    """Float64 as the default dtype for the test (gradient checks), restored after it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

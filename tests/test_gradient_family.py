@@ -18,14 +18,6 @@ from lightning_meta.task import TaskBatch
 from tests.helpers import SyntheticClassesDataModule
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def sine_batch(tasks: int = 3, shots: int = 5, data: SinusoidDataModule | None = None) -> TaskBatch:
     """The first training batch of `data` (default: a small sinusoid DataModule), in the default dtype."""
     data = data or SinusoidDataModule(shots=shots, query_shots=shots, tasks_per_batch=tasks)

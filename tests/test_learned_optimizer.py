@@ -20,14 +20,6 @@ from lightning_meta.update_rules import SGD, LearnedOptimizer, preprocess_gradie
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def test_gradient_preprocessing_is_the_papers_formula(float64):
     p = 10.0
     g = torch.tensor([2.0, -0.5, 1e-3, math.exp(-p), -1e-6, 0.0])

@@ -28,14 +28,6 @@ from lightning_meta.update_rules import MetaLSTM, preprocess_gradients
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def three_parameter_learner(seed: int = 0):
     """A 3-parameter least-squares learner, split over two tensors so the flattening order counts."""
     g = torch.Generator().manual_seed(seed)
