@@ -249,10 +249,19 @@ def command_error(result: subprocess.CompletedProcess) -> str:
     out = result.stdout + result.stderr
     assert result.returncode == 2, out[-3000:]
     assert "Traceback" not in out and "Namespace(" not in out and "Union subtypes" not in out, out[-3000:]
-    usage, error = result.stderr.rstrip("\n").splitlines()[-2:]
-    assert re.fullmatch(r"usage: \S+ (fit|validate) \[--help\] \[--config CONFIG\] \.\.\.", usage), out[-3000:]
-    assert error.startswith("error: "), result.stderr[-3000:]
-    return error.removeprefix("error: ")
+    # Under DDP every process reports the same error, and their usage/error lines interleave
+    # (usage, usage, error, error): read the trailing block of such lines, not the last two.
+    usage_line = re.compile(r"usage: \S+ (fit|validate) \[--help\] \[--config CONFIG\] \.\.\.")
+    tail: list[str] = []
+    for line in reversed(result.stderr.rstrip("\n").splitlines()):
+        if not (usage_line.fullmatch(line) or line.startswith("error: ")):
+            break
+        tail.insert(0, line)
+    usages = [line for line in tail if usage_line.fullmatch(line)]
+    errors = [line for line in tail if line.startswith("error: ")]
+    assert usages and tail[0] in usages, out[-3000:]
+    assert errors and len(set(errors)) == 1 and len(usages) == len(errors), result.stderr[-3000:]
+    return errors[0].removeprefix("error: ")
 
 
 def _closed_port() -> str:
