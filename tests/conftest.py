@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -52,3 +53,41 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+class DDPRun(NamedTuple):
+    """One case of `tests/ddp_gradients.py`: what one process saved on all the step's tasks, on
+    half of them, and what rank 0 of 2 gloo processes saved, each on its half."""
+
+    single: dict
+    half: dict
+    ddp: dict
+
+
+@pytest.fixture(scope="session")
+def ddp_launches(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two launches for the whole session (one process, then 2 gloo processes), each running every
+    `ddp_case` the selected tests are parametrised with: a launch costs seconds of start-up, a
+    case a fraction of one. The folder holding `single/` and `ddp/`."""
+    from tests.helpers import launch_ddp_cases
+
+    cases: set[str] = set()
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "ddp_case" in callspec.params:
+            cases.add(callspec.params["ddp_case"])
+    out = tmp_path_factory.mktemp("ddp")
+    launch_ddp_cases(sorted(cases), 1, out / "single", half=True)
+    launch_ddp_cases(sorted(cases), 2, out / "ddp")
+    return out
+
+
+@pytest.fixture
+def ddp_run(ddp_case: str, ddp_launches: Path) -> DDPRun:
+    """The saved results of the test's `ddp_case` (parametrise the test with it), checked to come
+    from the number of processes they claim."""
+    single = torch.load(ddp_launches / "single" / f"{ddp_case}.pt")
+    half = torch.load(ddp_launches / "single" / f"{ddp_case}.half.pt")
+    ddp = torch.load(ddp_launches / "ddp" / f"{ddp_case}.pt")
+    assert single["world_size"] == half["world_size"] == 1 and ddp["world_size"] == 2
+    return DDPRun(single, half, ddp)

@@ -1,6 +1,11 @@
-"""Run one meta-training step and save the (DDP-averaged) meta-gradient: `tests/test_ddp.py`
-launches this as a subprocess, since Lightning's `ddp` re-executes `sys.argv` (a pytest
-session must never be re-executed; shared/STACK.md)."""
+"""Run one meta-training step per case and save its (DDP-averaged) gradient and a validation.
+
+`tests/conftest.py` launches this twice per pytest session (one process, then 2 gloo processes),
+each launch running every case the session's tests ask for, one after the other: a launch costs
+seconds of imports and process-group set-up, a case a fraction of one. It is a subprocess since
+Lightning's `ddp` re-executes `sys.argv` (a pytest session must never be re-executed;
+shared/STACK.md). Later Trainers of a launch reuse its processes and process group (the launcher
+sets `LOCAL_RANK`, so it starts no new processes)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ import torch
 from lightning_meta.algorithms import (
     CAVIA,
     MAML,
+    MAMLRL,
+    PEARL,
+    RL2,
     MAMLPlusPlus,
     MatchingNetworks,
     MetaSGD,
@@ -25,6 +33,8 @@ from lightning_meta.algorithms import (
     Reptile,
     Siamese,
 )
+from lightning_meta.data import RLTaskDataModule
+from lightning_meta.envs import Navigation2D, TabularMDP
 from lightning_meta.losses import MeTALLoss
 from lightning_meta.models import Conv4
 from lightning_meta.update_rules import LearnedOptimizer, MetaLSTM
@@ -69,6 +79,9 @@ ALGORITHMS = {
         Conv4(hidden_channels=8, pooled_blocks=2, flatten=False), feature_channels=8, feature_size=7
     ),
 }
+
+
+Case = tuple[pl.LightningModule, pl.LightningDataModule, dict[str, Callable]]
 
 
 class SaveGradients(pl.Callback):
@@ -116,27 +129,93 @@ def fit_validate_and_save(
         torch.save({**saved, "val": metrics, **{k: f(model) for k, f in extra.items()}}, out)
 
 
+def params(model: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def rl2_case(tasks_per_batch: int) -> Case:
+    family = TabularMDP(states=4, actions=3, horizon=3, episodes=2)
+    # One PPO epoch of one minibatch: the step's gradient is the mean over all ranks' trials.
+    model = RL2(family, hidden_size=8, ppo_epochs=1, minibatches=1)
+    data = RLTaskDataModule(family, tasks_per_batch=tasks_per_batch, val_tasks=5, eval_tasks_per_batch=5)
+    return model, data, {"value_stats": lambda m: m.value_stats()}
+
+
+def maml_rl_case(tasks_per_batch: int) -> Case:
+    # The TRPO step is saved as the gradient SGD applies, and the parameters after it.
+    family = Navigation2D(horizon=4)
+    model = MAMLRL(family, hidden_sizes=(8,), trajectories=3)
+    data = RLTaskDataModule(family, tasks_per_batch=tasks_per_batch, val_tasks=5, eval_tasks_per_batch=5)
+    return model, data, {"params": params}
+
+
+def pearl_case(tasks_per_batch: int) -> Case:
+    family = Navigation2D(horizon=5, episodes=2)
+    # One gradient step on a meta-batch of every task this rank holds (all of this step's): each
+    # task's data, z samples and replay indices come from its own generator, so the union of the
+    # ranks' batches is exactly the single process's batch.
+    model = PEARL(
+        family,
+        hidden_size=8,
+        layers=2,
+        encoder_hidden_size=8,
+        encoder_layers=1,
+        gradient_steps=1,
+        meta_batch=8,
+        batch_size=6,
+        context_batch=4,
+    )
+    # A pool of 8 tasks, so 2 ranks × 4 hold disjoint tasks. (max_steps=1 is the encoder's
+    # optimizer step: every gradient exists by then, from one backward.)
+    data = RLTaskDataModule(family, tasks_per_batch=tasks_per_batch, val_tasks=5, eval_tasks_per_batch=5, train_pool=8)
+    return model, data, {"held": lambda m: sorted(m.replay)}
+
+
+def supervised_case(name: str) -> Callable[[int], Case]:
+    def build(tasks_per_batch: int) -> Case:
+        return ALGORITHMS[name](), SyntheticClassesDataModule(tasks_per_batch=tasks_per_batch, val_tasks=5), {}
+
+    return build
+
+
+# name: (the single process's tasks per step, which two ranks split in halves; the builder of the
+# model, the DataModule on `tasks_per_batch` tasks per rank with 5 validation tasks (3 + 2 over two
+# ranks, so the uneven gather is exercised too), and what else to save: name -> f(trained model)).
+CASES: dict[str, tuple[int, Callable[[int], Case]]] = {
+    **{name: (4, supervised_case(name)) for name in ALGORITHMS},
+    "rl2": (8, rl2_case),
+    "maml-rl": (4, maml_rl_case),
+    "pearl": (8, pearl_case),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--algorithm", choices=list(ALGORITHMS), required=True)
+    parser.add_argument("--cases", required=True, help=f"comma-separated, of: {', '.join(CASES)}")
     parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--tasks-per-batch", type=int, required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out-dir", required=True, help="<case>.pt (and <case>.half.pt) are written here")
     parser.add_argument(
-        "--half-out",
-        help="one process only: then also fit on half the tasks, saved here (one launch instead of two)",
+        "--half",
+        action="store_true",
+        help="one process only: also fit each case on half its tasks (<case>.half.pt): a different gradient",
     )
     args = parser.parse_args()
-    if args.half_out and args.devices != 1:
-        parser.error("--half-out runs in the single process only")
+    cases = args.cases.split(",")
+    if unknown := [c for c in cases if c not in CASES]:
+        parser.error(f"unknown cases {unknown}: choose from {list(CASES)}")
+    if args.half and args.devices != 1:
+        parser.error("--half runs in the single process only")
     torch.set_num_threads(1)
-    runs = [(args.tasks_per_batch, args.out)] + ([(args.tasks_per_batch // 2, args.half_out)] if args.half_out else [])
-    for tasks_per_batch, out in runs:
-        pl.seed_everything(0)
-        model = ALGORITHMS[args.algorithm]()
-        # 5 validation tasks: 3 + 2 over two ranks, so the uneven gather is exercised too.
-        data = SyntheticClassesDataModule(tasks_per_batch=tasks_per_batch, val_tasks=5)
-        fit_validate_and_save(one_step_trainer(args.devices, out), model, data, out)
+    out_dir = Path(args.out_dir)
+    for case in cases:
+        tasks, build = CASES[case]
+        runs = [(tasks // args.devices, out_dir / f"{case}.pt")]
+        runs += [(tasks // 2, out_dir / f"{case}.half.pt")] if args.half else []
+        for tasks_per_batch, out in runs:
+            print(f"case {case}: {tasks_per_batch} tasks per process -> {out}", flush=True)
+            pl.seed_everything(0)
+            model, data, extra = build(tasks_per_batch)
+            fit_validate_and_save(one_step_trainer(args.devices, str(out)), model, data, str(out), **extra)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -107,3 +112,30 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     """The two modules' state dicts hold the same names and bit-identical tensors."""
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+# What a parent process's DDP or Lightning set-up leaves in the environment, which would make a
+# subprocess join (or mimic) that run instead of starting its own.
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def clean_env() -> dict[str, str]:
+    """This environment for a subprocess that starts its own (DDP) run: no distributed or `PL_`
+    variables, one thread per process (2 cores), the repository importable, W&B off."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("PL_")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["WANDB_MODE"] = "disabled"
+    return env
+
+
+def launch_ddp_cases(cases: list[str], devices: int, out_dir: Path, half: bool = False) -> None:
+    """Run `tests/ddp_gradients.py` on `devices` gloo processes for every case in `cases` (one
+    training step each, gradients and a validation saved under `out_dir`); fail with its output."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    script = Path(__file__).with_name("ddp_gradients.py")
+    command = [sys.executable, str(script), "--cases", ",".join(cases), "--devices", str(devices)]
+    command += ["--out-dir", str(out_dir)] + (["--half"] if half else [])
+    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -327,26 +327,19 @@ def test_a_short_fit_through_the_cli_and_a_checkpoint_round_trip(tmp_path, outer
 # ---- DDP -------------------------------------------------------------------------------------------
 
 
-def _ddp_run(devices: int, tasks_per_batch: int, out: Path, outer: str = "trpo") -> dict:
-    from tests.test_ddp import run_ddp_script
-
-    return run_ddp_script("ddp_maml_rl.py", devices, tasks_per_batch, out, "--outer", outer)
-
-
 @pytest.mark.distributed
-def test_ddp_trpo_step_equals_one_process_on_the_union_of_tasks(tmp_path):
+@pytest.mark.parametrize("ddp_case", ["maml-rl"])
+def test_ddp_trpo_step_equals_one_process_on_the_union_of_tasks(ddp_case, ddp_run):
     """2 gloo processes × 2 tasks: the outer gradient, every Hessian-vector product of conjugate
     gradient and the line search are averaged over ranks, so the TRPO step (float64) is one
     process's on the 4 tasks. (CG amplifies the last bits of the two summation orders: 1e-8.)"""
-    single = _ddp_run(1, 4, tmp_path / "single.pt")
-    ddp = _ddp_run(2, 2, tmp_path / "ddp.pt")
+    single, half, ddp = ddp_run
     assert single["grads"].keys() == ddp["grads"].keys() and single["grads"]
     for name, step in single["grads"].items():
         assert step.dtype == torch.float64
         torch.testing.assert_close(ddp["grads"][name], step, rtol=1e-7, atol=1e-9, msg=name)
         torch.testing.assert_close(ddp["params"][name], single["params"][name], rtol=1e-7, atol=1e-9, msg=name)
-    half = _ddp_run(1, 2, tmp_path / "half.pt")["grads"]
-    assert max((half[n] - g).abs().max() for n, g in single["grads"].items()) > 1e-4  # not vacuous
+    assert max((half["grads"][n] - g).abs().max() for n, g in single["grads"].items()) > 1e-4  # not vacuous
     for key in ("val/return", "val/return_before", "val/return_ci95", "val/baseline/oracle"):
         assert abs(ddp["val"][key] - single["val"][key]) < 1e-5, key
     assert ddp["val"]["val/tasks"] == single["val"]["val/tasks"] == 5

@@ -4,7 +4,6 @@ same weights (bitwise, CPU) and logs the same metrics at every step as a run nev
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SCRUB = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+from tests.helpers import clean_env
 
 MAX_STEPS, EVERY, KILL_AT = 12, 3, 8
 """12 steps over epochs of 5; checkpoints every 3 steps; killed as the 9th step starts, so
@@ -48,14 +46,6 @@ AUGMENTED_PROTONET = [
     "--data.init_args.augment.init_args.flip=0.5",
 ]
 SETUPS = {"maml": SINUSOID_MAML, "protonet": SYNTHETIC_PROTONET, "protonet_augmented": AUGMENTED_PROTONET}
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB and not k.startswith("PL_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env["WANDB_MODE"] = "disabled"
-    return env
 
 
 def fit(root: Path, setup: list[str], *extra: str, devices: int = 1) -> subprocess.CompletedProcess:

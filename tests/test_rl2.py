@@ -251,24 +251,17 @@ def test_the_ppo_loss_is_finite_and_reaches_every_parameter(family):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def _ddp_run(devices, tasks_per_batch, out):
-    from tests.test_ddp import run_ddp_script
-
-    return run_ddp_script("ddp_rl2.py", devices, tasks_per_batch, out)
-
-
 @pytest.mark.distributed
-def test_ddp_ppo_gradient_equals_one_process_on_the_union_of_tasks(tmp_path):
+@pytest.mark.parametrize("ddp_case", ["rl2"])
+def test_ddp_ppo_gradient_equals_one_process_on_the_union_of_tasks(ddp_case, ddp_run):
     """2 gloo processes × 4 trials: the averaged PPO gradient (float64) equals one process's on
     the 8 trials, as advantages and value targets are normalised over all ranks' trials."""
-    single = _ddp_run(1, 8, tmp_path / "single.pt")
-    ddp = _ddp_run(2, 4, tmp_path / "ddp.pt")
+    single, half, ddp = ddp_run
     assert single["grads"].keys() == ddp["grads"].keys() and single["grads"]
     for name, grad in single["grads"].items():
         assert grad.dtype == torch.float64
         torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-9, atol=1e-12, msg=name)
-    half = _ddp_run(1, 4, tmp_path / "half.pt")["grads"]
-    assert max((half[n] - g).abs().max() for n, g in single["grads"].items()) > 1e-6  # not vacuous
+    assert max((half["grads"][n] - g).abs().max() for n, g in single["grads"].items()) > 1e-6  # not vacuous
     torch.testing.assert_close(ddp["value_stats"], single["value_stats"], rtol=1e-9, atol=1e-12)
     for key in ("val/return", "val/return_ci95", "val/baseline/oracle"):
         assert abs(ddp["val"][key] - single["val"][key]) < 1e-5, key
