@@ -72,7 +72,8 @@ def test_maml_with_the_rule_trains_through_the_real_cli(tmp_path, monkeypatch, r
     )
     model = cli.model
     assert isinstance(model.update_rule, RULES[rule]) and cli.trainer.global_step == 3
-    assert model.task_batcher.chosen == "loop"  # auto batching never tries vmap with it
+    # Auto batching times the loop and vmap with it (tests/test_update_rule_vmap.py: equal results).
+    assert [path for path, _ in model.task_batcher.times] == ["loop", "vmap", "loop"]
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     assert math.isfinite(metrics["test/loss"]) and metrics["test/tasks"] == 4
     checkpoint = torch.load(next(Path(tmp_path).rglob("*.ckpt")), weights_only=False)

@@ -13,7 +13,6 @@ import torch
 from torch.func import functional_call
 
 from lightning_meta.algorithms import MAML
-from lightning_meta.algorithms.task_parallel import vmap_blocker
 from lightning_meta.data import SinusoidDataModule
 from lightning_meta.inner_loop import (
     adapt,
@@ -22,7 +21,7 @@ from lightning_meta.inner_loop import (
     inner_gradients_and_loss,
     update_step,
 )
-from lightning_meta.models import MLP, Conv4
+from lightning_meta.models import MLP
 from lightning_meta.update_rules import MetaLSTM, preprocess_gradients
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +205,6 @@ def test_the_rule_reads_the_support_loss_at_each_step(float64):
     torch.testing.assert_close(preprocess_gradients(torch.tensor([0.5]))[0], torch.tensor(hand_preprocess(0.5)))
 
 
-def test_it_is_never_vmapped_and_says_why():
-    model = MAML(Conv4(hidden_channels=4, out_features=3, norm="plain_batch"), update_rule=MetaLSTM())
-    assert "MetaLSTM" in vmap_blocker(model)
+def test_auto_compilation_stays_with_the_measured_sgd_update():
+    # (Its loop/vmap parity: tests/test_update_rule_vmap.py.)
     assert not MAML(MLP(hidden_sizes=[8]), first_order=True, update_rule=MetaLSTM()).compile_by_default

@@ -10,7 +10,7 @@ from lightning_meta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from lightning_meta.algorithms.task_parallel import vmap_blocker
 from lightning_meta.inner_loop import adapt, named_params
 from lightning_meta.models import MLP, Conv4
-from lightning_meta.update_rules import SGD, LearnedOptimizer, LearnedRates, PerStepRates
+from lightning_meta.update_rules import SGD, LearnedOptimizer, LearnedRates, MetaLSTM, PerStepRates
 from tests.test_update_rule_parity import TOL, conv_batch, sine_batch
 
 
@@ -92,14 +92,18 @@ def test_checkpoints_from_before_update_rules_still_load(cls):
         assert torch.equal(fresh.state_dict()[k], v), k
 
 
-def test_the_learned_optimizer_is_never_vmapped_and_says_why():
-    model = MAML(Conv4(hidden_channels=4, out_features=3, norm="plain_batch"), update_rule=LearnedOptimizer())
-    assert "LearnedOptimizer" in vmap_blocker(model)
+def test_a_rule_not_proven_under_vmap_is_never_vmapped_and_says_why():
+    class Unproven(SGD):
+        vmap_blocker = "its update is not covered by a float64 loop/vmap parity test"
+
+    model = MAML(Conv4(hidden_channels=4, out_features=3, norm="plain_batch"), update_rule=Unproven(0.1))
+    assert "not covered" in vmap_blocker(model)
     model.task_batching = "vmap"
-    with pytest.raises(ValueError, match=r"task_batching='vmap' cannot be used: update_rule: .*LearnedOptimizer"):
+    with pytest.raises(ValueError, match=r"task_batching='vmap' cannot be used: update_rule: .*not covered"):
         model.training_step(conv_batch(), 0)
-    # The rules whose loop/vmap parity is tested (tests/test_update_rule_parity.py) are not refused.
-    for rule in (SGD(0.1), LearnedRates(), PerStepRates()):
+    # The rules whose loop/vmap parity is tested (tests/test_update_rule_parity.py,
+    # tests/test_update_rule_vmap.py) are not refused.
+    for rule in (SGD(0.1), LearnedRates(), PerStepRates(), LearnedOptimizer(), MetaLSTM()):
         backbone = Conv4(hidden_channels=4, out_features=3, norm="plain_batch")
         assert vmap_blocker(MAML(backbone, update_rule=rule)) is None
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lightning_meta.inner_loop import UpdateRule, update_step
 from lightning_meta.task import Params
@@ -37,6 +38,19 @@ def preprocess_gradients(grads: Tensor, p: float = 10.0) -> Tensor:
     return torch.stack([magnitude, direction], dim=-1)
 
 
+def lstm_cell(x: Tensor, hc: tuple[Tensor, Tensor], cell: nn.LSTMCell) -> tuple[Tensor, Tensor]:
+    """`cell(x, hc)` written out in tensor ops, so that it runs under `torch.func.vmap` (which has
+    no batching rule for `aten::lstm_cell`). The ops and their order are the CPU kernel's
+    (hidden projection plus input projection, gates i, f, g, o), so on a CPU the values and
+    first and second derivatives are bitwise those of `cell(x, hc)` (`tests/test_update_rule_vmap.py`);
+    on CUDA, where `nn.LSTMCell` runs a fused kernel, they agree to rounding."""
+    h, c = hc
+    gates = F.linear(h, cell.weight_hh, cell.bias_hh) + F.linear(x, cell.weight_ih, cell.bias_ih)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_next), c_next
+
+
 class LearnedOptimizer(UpdateRule):
     """A coordinate-wise LSTM optimizer whose weights the outer optimizer trains.
 
@@ -47,10 +61,9 @@ class LearnedOptimizer(UpdateRule):
         output_scale: the LSTM's output times this is the step (the reference code: 0.01).
     """
 
-    vmap_blocker = (
-        "its update_rule is a LearnedOptimizer, whose coordinate-wise LSTM over all parameters is not "
-        "covered by a float64 loop/vmap parity test"
-    )
+    vmap_blocker = None
+    """Its tasks may be vmapped: per-task losses and meta-gradients equal the loop's in float64,
+    first and second order, over several steps (`tests/test_update_rule_vmap.py`)."""
 
     def __init__(
         self, hidden_size: int = 20, layers: int = 2, preprocess_p: float = 10.0, output_scale: float = 0.01
@@ -76,7 +89,7 @@ class LearnedOptimizer(UpdateRule):
         x = preprocess_gradients(flat_grads, self.preprocess_p).to(self.output.weight.dtype)
         new_state = []
         for cell, hc in zip(self.cells, state, strict=True):
-            h, c = cell(x, hc)
+            h, c = lstm_cell(x, hc, cell)
             new_state.append((h, c))
             x = h
         return self.output_scale * self.output(x).squeeze(-1), tuple(new_state)

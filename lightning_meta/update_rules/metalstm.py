@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lightning_meta.inner_loop import UpdateRule
 from lightning_meta.task import Params
-from lightning_meta.update_rules.learned_optimizer import preprocess_gradients
+from lightning_meta.update_rules.learned_optimizer import lstm_cell, preprocess_gradients
 
 MetaLSTMState = tuple[tuple[Tensor, Tensor], Tensor, Tensor]
 """(first layer's (h, c), each `[coordinates, hidden_size]`; previous input gate `[coordinates]`;
@@ -53,10 +53,9 @@ class MetaLSTM(UpdateRule):
     """
 
     needs_loss = True
-    vmap_blocker = (
-        "its update_rule is a MetaLSTM, whose coordinate-wise LSTM and gates over all parameters are not "
-        "covered by a float64 loop/vmap parity test"
-    )
+    vmap_blocker = None
+    """Its tasks may be vmapped: per-task losses and meta-gradients equal the loop's in float64,
+    first and second order, over several steps (`tests/test_update_rule_vmap.py`)."""
 
     def __init__(
         self,
@@ -105,7 +104,7 @@ class MetaLSTM(UpdateRule):
         hc, input_gate, forget_gate = state
         x_grad = preprocess_gradients(grad, self.preprocess_p)
         x_loss = preprocess_gradients(loss.reshape(1).to(dtype), self.preprocess_p).expand_as(x_grad)
-        h, c = self.lstm(torch.cat([x_loss, x_grad], dim=-1), hc)
+        h, c = lstm_cell(torch.cat([x_loss, x_grad], dim=-1), hc, self.lstm)
         input_gate = gate(h, theta, input_gate, self.input_weight, self.input_bias)
         forget_gate = gate(h, theta, forget_gate, self.forget_weight, self.forget_bias)
         new_theta = forget_gate * theta - input_gate * grad
