@@ -7,8 +7,8 @@ knows the MDP and follows its finite-horizon optimal policy (value iteration). 2
 standing still and the oracle that moves straight to the goal. MuJoCo locomotion
 (`HalfCheetahVel`, `HalfCheetahDir`, `AntDir`): zero actions and uniformly random actions in
 [−1, 1] (the floor a meta-RL agent must clear; no oracle, which would need a trained policy per
-task); the same two for Meta-World ML1 (`MetaWorldML1`). Each returns the trial return of every task, `[tasks]`, stepping the batched family
-(`rollout`).
+task); the same two for Meta-World ML1 (`MetaWorldML1`). Each returns the trial return of
+every task, `[tasks]`, stepping the batched family (`rollout`).
 """
 
 from __future__ import annotations

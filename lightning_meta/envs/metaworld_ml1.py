@@ -251,4 +251,3 @@ class MetaWorldML1(TaskFamily):
             next_states[i] = read_state(env, obs, float(info["success"]))
             rewards[i] = reward
         return torch.from_numpy(next_states).to(state.device), torch.from_numpy(rewards).to(state.device)
-
