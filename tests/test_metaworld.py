@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_meta.data.rl import TaskSpecStream
+from lightning_meta.data.sampler import TEST, TRAIN, VAL
 from lightning_meta.envs.metaworld_ml1 import MetaWorldML1, metaworld_missing
 
 MISSING = metaworld_missing()
@@ -37,9 +39,6 @@ def _rand_vecs(test: bool) -> np.ndarray:
 
 @needs_metaworld
 def test_sample_tasks_is_deterministic_and_train_and_test_goals_are_disjoint():
-    from lightning_meta.data.rl import TaskSpecStream
-    from lightning_meta.data.sampler import TEST, TRAIN, VAL
-
     family = MetaWorldML1(ENV, horizon=5)
     a, b = (family.sample_tasks(16, np.random.default_rng(3)) for _ in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a) and (a["test"] == 0).all()
@@ -122,9 +121,10 @@ def test_evaluation_envs_autoreset_same_step_explicitly_and_report_the_ended_epi
     envs.call("sample_tasks")  # each environment's first held-out goal, as the protocol does
     envs.reset()
     for t in range(3):
-        obs, reward, terminated, truncated, info = envs.step(np.zeros((2, 4)))
+        _, reward, terminated, truncated, info = envs.step(np.zeros((2, 4)))
         assert (reward > 0).all()  # a real transition every step (Meta-World's reward is positive)
-    assert truncated.all() and "final_info" in info and "success" in info["final_info"]
+        assert not terminated.any() and truncated.all() == (t == 2) and ("final_info" in info) == (t == 2)
+    assert "success" in info["final_info"] and "episode" in info["final_info"]  # what `evaluation` reads
     with pytest.raises(ValueError, match="must divide"):
         test_envs(ENV, num_envs=3)
 

@@ -180,4 +180,3 @@ class RandomAgent:
         return self._act()
 
     def reset(self, env_mask: np.ndarray) -> None: ...
-
