@@ -176,3 +176,23 @@ def test_a_one_step_fit_through_the_cli_with_the_config(tmp_path):
     metrics = cli.trainer.callback_metrics
     for key in ("val/return", "val/return_before", "val/baseline/random_action", "train/return"):
         assert torch.isfinite(metrics[key]), key
+    from lightning_meta.algorithms import MAMLRL
+
+    loaded = MAMLRL.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert loaded.family == MetaWorldML1(ENV, horizon=4) and loaded.family.env_name == ENV
+
+
+def test_linear_baseline_solves_a_singular_float32_system_like_metaworlds_observations():
+    """Meta-World's observation has constant entries (zero padding, the hidden goal) and, at a
+    reset, the previous frame equal to the current one: in float32 the ridge term is lost next
+    to Gram entries of ~1e7 and the system is exactly singular (this stopped the first
+    benchmark run). The baseline falls back to float64, as rllab's numpy fit was."""
+    from lightning_meta.algorithms.policy_gradient import linear_baseline
+
+    g = torch.Generator().manual_seed(0)
+    obs = torch.rand(2, 10, 100, 6, generator=g) * 20 - 10
+    obs[..., 0], obs[..., 1], obs[..., 3] = 1.0, 0.0, obs[..., 2]
+    returns = torch.rand(2, 10, 100, generator=g)
+    fitted = linear_baseline(obs, returns)
+    assert fitted.dtype == torch.float32 and torch.isfinite(fitted).all()
+    torch.testing.assert_close(fitted.double(), linear_baseline(obs.double(), returns.double()), atol=1e-5, rtol=0)
