@@ -176,6 +176,9 @@ def main() -> None:
         f"meta-iteration (reference 20); {args.num_evals} evaluation round(s) of {args.eval_envs} environments "
         "(`metalearning_evaluation`'s defaults: 10 rounds, and Meta-World's test env has 20). The policy is "
         "MAMLRL's ReLU MLP (garage's example: tanh) with the linear feature baseline.",
+        "",
+        "The return column is `metalearning_evaluation`'s mean episode return over evaluation episodes that end "
+        "on success, so a policy that succeeds sooner collects less: compare the success rates.",
     ]
     text = "\n".join(lines)
     print(text)
