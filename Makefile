@@ -46,7 +46,7 @@ $(STAMP): pyproject.toml constraints.txt
 		$(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip && \
 		$(PY) -m pip install -q "$(TORCH)"; \
 	fi
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,tune,optuna,bench,rl,mujoco]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,tune,optuna,bench,rl,mujoco,metaworld]"
 	@$(PY) -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, '| lightning', pl.__version__)"
 	@touch $@
 

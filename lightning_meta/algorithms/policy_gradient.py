@@ -63,8 +63,8 @@ def linear_baseline(obs: Tensor, returns: Tensor, reg: float = 1e-5) -> Tensor:
     Args:
         obs: observations `[tasks, trajectories, H, obs_dim]`.
         returns: discounted returns `[tasks, trajectories, H]` (the regression targets).
-        reg: ridge coefficient; multiplied by 10 (up to 5 times) while the solution is not
-            finite, as rllab does.
+        reg: ridge coefficient; multiplied by 10 (up to 5 times) while the system is singular or
+            the solution is not finite, as rllab does.
 
     Returns:
         The fitted values `[tasks, trajectories, H]`, without a graph to anything.
@@ -72,15 +72,30 @@ def linear_baseline(obs: Tensor, returns: Tensor, reg: float = 1e-5) -> Tensor:
     obs, returns = obs.detach(), returns.detach()
     features = baseline_features(obs).flatten(1, 2)  # [tasks, samples, d]
     targets = returns.flatten(1, 2)[..., None]
+    coeffs = _ridge(features, targets, reg)
+    if coeffs is None and features.dtype != torch.float64:
+        # A singular float32 system (observation entries that are constant or duplicated, e.g.
+        # Meta-World's zero padding and its previous frame at a reset: next to Gram entries of
+        # ~1e7, float32 loses the ridge term), solved again in float64 as rllab (numpy) did.
+        coeffs = _ridge(features.double(), targets.double(), reg)
+        coeffs = None if coeffs is None else coeffs.to(features.dtype)
+    if coeffs is None:
+        raise RuntimeError("the linear feature baseline's system stayed singular with the ridge term raised to 1e4·reg")
+    return (features @ coeffs).squeeze(-1).view_as(returns)
+
+
+def _ridge(features: Tensor, targets: Tensor, reg: float) -> Tensor | None:
+    """Ridge coefficients per task, the ridge term ×10 (up to 5 times) while the system is singular
+    or the solution not finite (rllab); None if it never solved."""
     gram = features.transpose(1, 2) @ features
     rhs = features.transpose(1, 2) @ targets
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     for _ in range(5):
-        coeffs = torch.linalg.solve(gram + reg * eye, rhs)
-        if torch.isfinite(coeffs).all():
-            break
+        coeffs, info = torch.linalg.solve_ex(gram + reg * eye, rhs)
+        if (info == 0).all() and torch.isfinite(coeffs).all():
+            return coeffs
         reg *= 10
-    return (features @ coeffs).squeeze(-1).view_as(returns)
+    return None
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int = 10, tol: float = 1e-10) -> Tensor:

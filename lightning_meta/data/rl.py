@@ -6,7 +6,9 @@ the task's global index (`sampler.task_rng`). The algorithm collects its rollout
 `training_step`. So the sampling protocol is the supervised family's, unchanged: ranks take
 contiguous shares of each global meta-batch (`MetaBatchSampler`: 2 processes × 8 tasks roll out
 exactly the trials of 1 × 16, including the agent's sampled actions), evaluation uses fixed
-seeded tasks, and a resumed run continues from the meta-batch index alone.
+seeded tasks (drawn from `family.held_out()`: the family itself, or a benchmark's held-out
+tasks such as Meta-World ML1's test goals), and a resumed run continues from the meta-batch
+index alone.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ class RLTaskDataModule(EpisodicDataModule):
             loader_class, extra = ResumableLoader, {"trainer": trainer}
         return loader_class(
             TaskSpecStream(
-                self.family,
+                self.family if stream == TRAIN else self.family.held_out(),
                 self.eval_seed if stream != TRAIN else self.seed,
                 stream,
                 self.train_pool if stream == TRAIN else None,

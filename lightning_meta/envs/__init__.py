@@ -5,8 +5,10 @@ Importing this package registers the Gymnasium ids (`lightning_meta/Bandit-v0`,
 `lightning_meta/HalfCheetahVel-v0` etc.); Gymnasium is the `rl` extra
 (`pip install lightning-meta[rl]`), needed only by `gym_envs`. The MuJoCo locomotion families
 (`HalfCheetahVel`, `HalfCheetahDir`, `AntDir`) import here without MuJoCo and need the `mujoco`
-extra (`pip install lightning-meta[mujoco]`) to step. Nothing here imports Lightning
-(DESIGN.md layering).
+extra (`pip install lightning-meta[mujoco]`) to step; `MetaWorldML1` (Meta-World's ML1 goals,
+`lightning_meta/MetaWorldML1-v0`) imports here without Meta-World and needs the `metaworld`
+extra (`pip install lightning-meta[metaworld]`) to be constructed. Nothing here imports
+Lightning (DESIGN.md layering).
 """
 
 import importlib.util
@@ -22,6 +24,7 @@ from lightning_meta.envs.families import (
     step_noise,
 )
 from lightning_meta.envs.locomotion import AntDir, HalfCheetahDir, HalfCheetahVel, LocomotionFamily
+from lightning_meta.envs.metaworld_ml1 import MetaWorldML1
 
 if importlib.util.find_spec("gymnasium") is not None:  # the `rl` extra; the batched families need only torch
     from lightning_meta.envs.gym_envs import register as _register
@@ -34,6 +37,7 @@ __all__ = [
     "HalfCheetahDir",
     "HalfCheetahVel",
     "LocomotionFamily",
+    "MetaWorldML1",
     "Navigation2D",
     "Noise",
     "TabularMDP",

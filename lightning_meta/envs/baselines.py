@@ -7,8 +7,8 @@ knows the MDP and follows its finite-horizon optimal policy (value iteration). 2
 standing still and the oracle that moves straight to the goal. MuJoCo locomotion
 (`HalfCheetahVel`, `HalfCheetahDir`, `AntDir`): zero actions and uniformly random actions in
 [−1, 1] (the floor a meta-RL agent must clear; no oracle, which would need a trained policy per
-task). Each returns the trial return of every task, `[tasks]`, stepping the batched family
-(`rollout`).
+task); the same two for Meta-World ML1 (`MetaWorldML1`). Each returns the trial return of
+every task, `[tasks]`, stepping the batched family (`rollout`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lightning_meta.envs.families import BernoulliBandit, Navigation2D, Noise, TabularMDP, TaskFamily, Tasks, step_noise
 from lightning_meta.envs.locomotion import LocomotionFamily
+from lightning_meta.envs.metaworld_ml1 import MetaWorldML1
 
 Policy = Callable[[Tensor, Tensor, int], Tensor]
 """(state `[tasks]`, observation `[tasks, obs_dim]`, step within the episode) -> action `[tasks]`."""
@@ -163,12 +164,12 @@ def navigation_oracle(family: Navigation2D, tasks: Tasks, noise: Noise) -> Tenso
     return rollout(family, tasks, noise, lambda s, o, t: tasks["goal"] - s)
 
 
-def zero_action(family: LocomotionFamily, tasks: Tasks, noise: Noise) -> Tensor:
+def zero_action(family: LocomotionFamily | MetaWorldML1, tasks: Tasks, noise: Noise) -> Tensor:
     """All-zero controls: the robot settles where it stands and pays no control cost."""
     return rollout(family, tasks, noise, lambda s, o, t: torch.zeros(s.shape[0], family.num_actions))
 
 
-def random_action(family: LocomotionFamily, tasks: Tasks, noise: Noise, seed: int = 0) -> Tensor:
+def random_action(family: LocomotionFamily | MetaWorldML1, tasks: Tasks, noise: Noise, seed: int = 0) -> Tensor:
     """Controls uniform in [−1, 1] (the action space), independent per task and step."""
     gen = _generator(seed)
     return rollout(
@@ -197,7 +198,7 @@ def baselines(family: TaskFamily) -> dict[str, Callable[[Tasks, Noise], Tensor]]
             "stand_still": lambda tasks, noise: stand_still(family, tasks, noise),
             "oracle": lambda tasks, noise: navigation_oracle(family, tasks, noise),
         }
-    if isinstance(family, LocomotionFamily):
+    if isinstance(family, (LocomotionFamily, MetaWorldML1)):
         return {
             "zero_action": lambda tasks, noise: zero_action(family, tasks, noise),
             "random_action": lambda tasks, noise: random_action(family, tasks, noise),

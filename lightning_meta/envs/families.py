@@ -91,6 +91,11 @@ class TaskFamily(ABC):
     def sample_tasks(self, n: int, rng: np.random.Generator) -> Tasks:
         """`n` tasks drawn from `rng`."""
 
+    def held_out(self) -> TaskFamily:
+        """The family whose tasks validation and test draw (`RLTaskDataModule`): itself, unless the
+        benchmark fixes separate held-out tasks (Meta-World ML1's test goals)."""
+        return self
+
     @abstractmethod
     def sample_noise(self, n: int, rng: np.random.Generator) -> Noise:
         """The noise of `n` trials, each tensor `[n, episodes, horizon]`."""

@@ -195,6 +195,8 @@ def register() -> None:
         ("lightning_meta/HalfCheetahVel-v0", "lightning_meta.envs.locomotion_gym:HalfCheetahVelEnv"),
         ("lightning_meta/HalfCheetahDir-v0", "lightning_meta.envs.locomotion_gym:HalfCheetahDirEnv"),
         ("lightning_meta/AntDir-v0", "lightning_meta.envs.locomotion_gym:AntDirEnv"),
+        # The `metaworld` extra's (Meta-World ML1, one environment's goals; `env_name` an argument).
+        ("lightning_meta/MetaWorldML1-v0", "lightning_meta.envs.metaworld_gym:MetaWorldML1Env"),
     ):
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=entry_point, disable_env_checker=False)

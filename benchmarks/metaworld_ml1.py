@@ -1,0 +1,206 @@
+"""MAML-RL on Meta-World ML1, scored by Meta-World's own protocol (`metaworld.evaluation`).
+
+Meta-trains MAMLRL through the real CLI (configs/metaworld_ml1/maml_rl.yaml, sizes reduced by the
+flags below) for a CPU-time budget on ML1's training goals, then scores it with
+`metaworld.evaluation.metalearning_evaluation` on ML1's held-out test goals (Meta-World's own
+test-split vector env, `lightning_meta.algorithms.metaworld_eval`): the success rate after one
+adaptation step (the learner's VPG step on `--adaptation-episodes` sampled episodes per goal),
+before it (the same protocol with 0 adaptation steps: the meta-policy's mean action), the same two
+for the untrained initial policy, and uniformly random actions. Also measures the cost a full-scale
+run needs: CPU ms per simulator step (the batched family) and CPU seconds per meta-iteration.
+
+    OMP_NUM_THREADS=1 python benchmarks/metaworld_ml1.py --minutes 6
+
+Writes benchmarks/results/metaworld_ml1[_<tag>].{md,json}. The budget of this script's defaults is
+far below the paper's: see the written report.
+
+(A new script, not a generalisation of benchmarks/nav2d_maml_rl.py: another session is editing the
+nav2d scripts; this one reuses its `Curve` callback by import.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's lightning_meta, whatever is installed
+
+from benchmarks.nav2d_maml_rl import Curve  # noqa: E402 (the CPU-budget curve callback, shared)
+from lightning_meta.algorithms import MAMLRL  # noqa: E402
+from lightning_meta.algorithms.metaworld_eval import MAMLRLAgent, RandomAgent, score, test_envs  # noqa: E402
+from lightning_meta.cli import run_cli  # noqa: E402
+
+
+def step_cost(model: MAMLRL, tasks: int = 10, steps: int = 100) -> float:
+    """CPU milliseconds per simulator step of the batched family (random actions, training goals)."""
+    family = model.family
+    batch = family.sample_tasks(tasks, np.random.default_rng(0))
+    state = family.initial_state(batch)  # builds the simulators: not timed
+    gen = torch.Generator().manual_seed(0)
+    start = time.process_time()
+    for _ in range(steps):
+        state, _ = family.step(batch, state, torch.rand(tasks, family.num_actions, generator=gen) * 2 - 1, {})
+    return (time.process_time() - start) / (tasks * steps) * 1000
+
+
+def raw_step_cost(env_name: str, steps: int = 1000) -> float:
+    """CPU milliseconds per step of Meta-World's own environment (the Gymnasium twin), for comparison."""
+    from lightning_meta.envs.metaworld_gym import MetaWorldML1Env
+
+    env = MetaWorldML1Env(env_name, horizon=500)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (steps, 4)).astype(np.float32)
+    start = time.process_time()
+    for t in range(steps):
+        if t % 500 == 499:
+            env.reset()
+        env.step(actions[t])
+    return (time.process_time() - start) / steps * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="reach-v3", help="the Meta-World v3 environment")
+    parser.add_argument("--minutes", type=float, default=6.0, help="meta-training budget in CPU minutes")
+    parser.add_argument("--wall-minutes", type=float, default=30.0, help="wall-clock backstop")
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--horizon", type=int, default=100, help="episode length (Meta-World: 500)")
+    parser.add_argument("--tasks-per-batch", type=int, default=10, help="goals per meta-iteration (reference 20)")
+    parser.add_argument("--trajectories", type=int, default=10, help="episodes per goal for the inner step")
+    parser.add_argument("--eval-envs", type=int, default=10, help="environments of the test vector env (20)")
+    parser.add_argument("--num-evals", type=int, default=2, help="metalearning_evaluation rounds (10)")
+    parser.add_argument("--adaptation-episodes", type=int, default=10, help="(10)")
+    parser.add_argument("--evaluation-episodes", type=int, default=3, help="(3)")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", default="logs/bench_metaworld_ml1")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    budget = time.strftime("00:%H:%M:%S", time.gmtime(args.wall_minutes * 60))
+    curve = Curve(args.minutes * 60)
+    family_args = [f"env_name={args.env}", f"horizon={args.horizon}"]
+    parts = ("model.init_args", "data.init_args")
+    overrides = [f"--{part}.family.init_args.{a}" for part in parts for a in family_args]
+    cli = run_cli(
+        [
+            "--config",
+            str(REPO / "configs/metaworld_ml1/maml_rl.yaml"),
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.limit_val_batches=0",  # scored by Meta-World's protocol below instead
+            f"--trainer.max_time={budget}",
+            f"--trainer.max_steps={args.max_steps}",
+            f"--trainer.default_root_dir={args.out}",
+            "--test_after_fit=false",
+            f"--model.init_args.trajectories={args.trajectories}",
+            f"--data.init_args.tasks_per_batch={args.tasks_per_batch}",
+            *overrides,
+        ],
+        run=False,
+    )
+    model: MAMLRL = cli.model
+    untrained = copy.deepcopy(model)
+    ms_per_step, raw_ms_per_step = step_cost(model), raw_step_cost(args.env)
+    start = time.perf_counter()
+    cli.trainer.callbacks.append(curve)
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    train_seconds, train_cpu = time.perf_counter() - start, curve.cpu_used()
+    iterations = model.global_step
+    per_iteration = train_cpu / max(iterations, 1)
+
+    protocol = {
+        "num_evals": args.num_evals,
+        "adaptation_episodes": args.adaptation_episodes,
+        "evaluation_episodes": args.evaluation_episodes,
+    }
+    rows: dict[str, dict[str, float]] = {}
+    eval_start = time.process_time()
+    model.eval()
+    for name, agent, steps in (
+        ("random actions", RandomAgent(args.eval_envs, seed=0), 0),
+        ("MAML-RL untrained, before adaptation", MAMLRLAgent(untrained, args.eval_envs, seed=0), 0),
+        ("MAML-RL untrained, after 1 VPG step", MAMLRLAgent(untrained, args.eval_envs, seed=0), 1),
+        ("MAML-RL trained, before adaptation (θ)", MAMLRLAgent(model, args.eval_envs, seed=0), 0),
+        ("MAML-RL trained, after 1 VPG step (θ')", MAMLRLAgent(model, args.eval_envs, seed=0), 1),
+    ):
+        envs = test_envs(args.env, args.eval_envs, args.horizon, seed=model.family.benchmark_seed)  # same goals
+        rows[name] = score(agent, envs, adaptation_steps=steps, **protocol)
+        envs.close()
+        print(name, rows[name], flush=True)
+    eval_cpu = time.process_time() - eval_start
+
+    steps_per_iteration = args.tasks_per_batch * 2 * args.trajectories * args.horizon
+    full_steps = 20 * 2 * 10 * 500
+    lines = [
+        f"MAML-RL on Meta-World ML1 `{args.env}`, scored by `metaworld.evaluation.metalearning_evaluation` on "
+        f"ML1's held-out test goals: {args.num_evals} round(s) × {args.eval_envs} environments, "
+        f"{args.adaptation_episodes} adaptation episodes, {args.evaluation_episodes} evaluation episodes "
+        f"(ending on success), episodes of {args.horizon} steps",
+        "",
+        "| policy | success rate | mean episode return |",
+        "|---|---|---|",
+        *(f"| {name} | {r['success_rate']:.3f} | {r['return']:.1f} |" for name, r in rows.items()),
+        "",
+        f"Meta-training: {iterations} meta-iterations × {args.tasks_per_batch} goals × ({args.trajectories} + "
+        f"{args.trajectories}) episodes × {args.horizon} steps in {train_cpu / 60:.1f} CPU minutes (budget "
+        f"{args.minutes:g}; {train_seconds / 60:.1f} min wall on this shared, contended CPU), 1 thread; "
+        f"evaluation {eval_cpu / 60:.1f} CPU minutes.",
+        f"Cost: {ms_per_step:.3f} CPU ms per simulator step (batched family, 10 goals; Meta-World's own "
+        f"environment stepped directly: {raw_ms_per_step:.3f}); "
+        f"{per_iteration:.1f} CPU s per meta-iteration here ({steps_per_iteration} steps). The reference "
+        f"settings (20 goals × (10 + 10) episodes × 500 steps = {full_steps} steps per iteration) need "
+        f"≈ {full_steps * ms_per_step / 1000 / 60:.1f} CPU minutes of stepping per iteration, "
+        f"≈ {300 * full_steps * ms_per_step / 1000 / 3600:.1f} CPU hours for garage's 300 iterations.",
+    ]
+    command = " ".join(["OMP_NUM_THREADS=1", "python", *sys.argv])
+    lines = [
+        "# MAML-RL on Meta-World ML1: a pipeline check on a small CPU budget",
+        "",
+        f"    {command}",
+        "",
+        *lines,
+        "",
+        "What differs from the paper's protocol, on purpose (a pipeline check, not a reproduction): the budget "
+        "is minutes of one shared CPU core where the paper-scale run is the hours above; episodes are "
+        f"{args.horizon} steps (Meta-World: 500) in training and evaluation; {args.tasks_per_batch} goals per "
+        f"meta-iteration (reference 20); {args.num_evals} evaluation round(s) of {args.eval_envs} environments "
+        "(`metalearning_evaluation`'s defaults: 10 rounds, and Meta-World's test env has 20). The policy is "
+        "MAMLRL's ReLU MLP (garage's example: tanh) with the linear feature baseline.",
+        "",
+        "The return column is `metalearning_evaluation`'s mean episode return over evaluation episodes that end "
+        "on success, so a policy that succeeds sooner collects less: compare the success rates.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    suffix = f"_{args.tag}" if args.tag else ""
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": command,
+        "args": vars(args),
+        "iterations": iterations,
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu,
+        "eval_cpu_seconds": eval_cpu,
+        "cpu_ms_per_env_step": ms_per_step,
+        "cpu_ms_per_raw_metaworld_step": raw_ms_per_step,
+        "cpu_seconds_per_iteration": per_iteration,
+        "scores": rows,
+        "train_curve": curve.train,
+    }
+    (results / f"metaworld_ml1{suffix}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (results / f"metaworld_ml1{suffix}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Scoring a meta-trained agent on Meta-World ML1 with Meta-World's own protocol (`metaworld.evaluation`).
+
+`metaworld.evaluation.metalearning_evaluation(agent, eval_envs, num_evals, adaptation_steps,
+adaptation_episodes, evaluation_episodes)` is Meta-World's meta-RL test: for each of
+`num_evals` rounds, every environment of the vector env switches to its next held-out goal
+(`sample_tasks`), the agent acts for `adaptation_episodes` episodes and `adapt()`s, then is scored by
+`evaluation`: `evaluation_episodes` episodes per task with `eval_action`, each ending on success
+(Meta-World turns `terminate_on_success` on), and the success rate is the fraction of those
+episodes that ended in `info["success"]`. The defaults are Meta-World's (10 rounds, 1 adaptation
+step of 10 episodes, 3 evaluation episodes) on `make_ml_envs(env_name, split="test")` with 20
+environments; `test_envs` builds those with the episode length and the number of environments as
+arguments, and Gymnasium's vector autoreset mode set explicitly to same-step (what
+`evaluation` reads: `infos["final_info"]` on the step an episode ends).
+
+`MAMLRLAgent` puts a trained `MAMLRL` behind Meta-World's `MetaLearningAgent` protocol:
+`init()` restarts every environment at the meta-learned θ; `adapt_action` samples the Gaussian
+policy (the exploration the inner step was trained on); `step` records the transitions;
+`adapt()` takes the learner's own inner step (one VPG step at `inner_lr` on the recorded
+episodes, the linear baseline and advantage normalisation of training) per environment;
+`eval_action` is the adapted policy's mean. `RandomAgent` acts uniformly in [-1, 1] (the
+floor). Pre-adaptation scores run the same protocol with `adaptation_steps=0`.
+
+Meta-World is imported on first use (the `metaworld` extra).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_meta.algorithms.maml_rl import MAMLRL, Trajectories
+from lightning_meta.envs.metaworld_ml1 import benchmark, require_metaworld
+from lightning_meta.inner_loop import adapt, named_params
+from lightning_meta.task import Params
+
+
+def test_envs(env_name: str, num_envs: int = 20, horizon: int = 500, seed: int = 0) -> Any:
+    """Meta-World's ML1 test-split vector env (`metaworld.make_ml_envs_test`): `num_envs`
+    environments over ML1's 50 held-out goals of `seed`, episodes of `horizon` steps, synchronous,
+    with Gymnasium's vector autoreset mode set explicitly to same-step (`metaworld.evaluation`
+    reads the ended episode's `final_info` on the step it ends)."""
+    require_metaworld("Meta-World's evaluation")
+    import gymnasium as gym
+    import metaworld
+
+    if num_envs < 1 or 50 % num_envs:
+        raise ValueError(f"num_envs={num_envs} must divide ML1's 50 test goals (Meta-World splits them evenly)")
+    # `metaworld.make_ml_envs_test(env_name, seed=seed, ...)` exactly (the same partial's arguments),
+    # on the ML1 benchmark this process already built for the family: `metaworld.ML1` takes ~1 s.
+    return metaworld._make_ml_envs_inner(
+        benchmark(env_name, seed),
+        meta_batch_size=num_envs,
+        seed=seed,
+        split="test",
+        vector_strategy="sync",
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        terminate_on_success=True,
+        task_select="pseudorandom",
+        max_episode_steps=horizon,
+    )
+
+
+def score(
+    agent: Any,
+    envs: Any,
+    num_evals: int = 10,
+    adaptation_steps: int = 1,
+    adaptation_episodes: int = 10,
+    evaluation_episodes: int = 3,
+) -> dict[str, float]:
+    """`metaworld.evaluation.metalearning_evaluation` (its defaults): mean success rate and return."""
+    require_metaworld("Meta-World's evaluation")
+    from metaworld.evaluation import metalearning_evaluation
+
+    success, mean_return, _ = metalearning_evaluation(
+        agent, envs, num_evals, adaptation_steps, adaptation_episodes, evaluation_episodes
+    )
+    return {"success_rate": float(success), "return": float(mean_return)}
+
+
+class MAMLRLAgent:
+    """A trained `MAMLRL` as Meta-World's `MetaLearningAgent`; see the module docstring.
+
+    Args:
+        learner: the trained learner (its family a `MetaWorldML1` of the same environment).
+        num_envs: the vector env's number of environments.
+        seed: the seed of the exploration noise of the adaptation episodes.
+    """
+
+    def __init__(self, learner: MAMLRL, num_envs: int, seed: int = 0) -> None:
+        self.learner, self.num_envs = learner, num_envs
+        self.generator = torch.Generator().manual_seed(seed)
+        self.init()
+
+    def _dtype(self) -> torch.dtype:
+        return self.learner.policy.log_std.dtype
+
+    def init(self) -> None:
+        """Every environment back at the meta-learned parameters, no recorded transitions."""
+        theta = {name: p.detach() for name, p in named_params(self.learner.policy).items()}
+        self.params: Params = {name: p.expand(self.num_envs, *p.shape).clone() for name, p in theta.items()}
+        self.buffer: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def _distribution(self, obs: np.ndarray) -> tuple[Tensor, Tensor]:
+        x = torch.as_tensor(np.asarray(obs), dtype=self._dtype())
+        with torch.no_grad():
+            return self.learner.distribution(self.params, x)
+
+    def adapt_action(self, observations: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Sampled actions (the inner step's exploration), `[envs, 4]`, scaled as in training."""
+        mean, log_std = self._distribution(observations)
+        action = mean + log_std.exp() * torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype)
+        self._last_obs = torch.as_tensor(np.asarray(observations), dtype=mean.dtype)
+        self._last_action = action
+        return (self.learner.action_scale * action).numpy().astype(np.float64), {}
+
+    def step(self, timestep: Any) -> None:
+        """Record one transition of every environment (the policy's unscaled action)."""
+        reward = torch.as_tensor(np.asarray(timestep.reward), dtype=self._dtype())
+        self.buffer.append((self._last_obs, self._last_action, reward))
+
+    def adapt(self) -> None:
+        """One inner step per environment on its recorded episodes (equal lengths: no early ends)."""
+        obs, actions, rewards = (torch.stack(parts, 1) for parts in zip(*self.buffer, strict=True))
+        self.buffer = []
+        envs, steps = rewards.shape
+        horizon = self.learner.family.horizon
+        if steps % horizon:
+            raise ValueError(f"{steps} recorded steps are not whole episodes of {horizon} steps")
+        n = steps // horizon
+        data = self.learner.with_advantages(
+            Trajectories(
+                obs.view(envs, n, horizon, -1), actions.view(envs, n, horizon, -1), rewards.view(envs, n, horizon)
+            )
+        )
+        adapted = []
+        with torch.enable_grad():
+            for i in range(envs):
+                own = {name: p[i].detach().requires_grad_() for name, p in self.params.items()}
+                step = adapt(lambda p, i=i: self.learner.inner_loss(p, data, i), own, 1, self.learner.inner_lr, True)
+                adapted.append({name: p.detach() for name, p in step[-1].items()})
+        self.params = {name: torch.stack([a[name] for a in adapted]) for name in self.params}
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        """The adapted policy's mean action, `[envs, 4]`."""
+        mean, _ = self._distribution(observations)
+        return (self.learner.action_scale * mean).numpy().astype(np.float64)
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        """Nothing to reset: the policy is feed-forward."""
+
+
+class RandomAgent:
+    """Uniform actions in [-1, 1] (Meta-World's action box); adapts to nothing.
+
+    Args:
+        num_envs: the vector env's number of environments.
+        seed: the seed of the actions.
+    """
+
+    def __init__(self, num_envs: int, seed: int = 0) -> None:
+        self.num_envs, self.rng = num_envs, np.random.default_rng(seed)
+
+    def init(self) -> None: ...
+
+    def _act(self) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, size=(self.num_envs, 4))
+
+    def adapt_action(self, observations: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return self._act(), {}
+
+    def step(self, timestep: Any) -> None: ...
+
+    def adapt(self) -> None: ...
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        return self._act()
+
+    def reset(self, env_mask: np.ndarray) -> None: ...
