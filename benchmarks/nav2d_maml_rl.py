@@ -80,7 +80,7 @@ def plot_trajectories(model: MAMLRL, path: Path, goals: int = 4, shown: int = 5)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    family = model.family
+    family, shown = model.family, min(shown, model.trajectories)
     batch = TaskSpecStream(family, 0, TEST)[tuple(range(goals))]
     model.eval()
     with torch.enable_grad():
