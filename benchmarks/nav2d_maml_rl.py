@@ -1,15 +1,19 @@
-"""MAML-RL on 2D navigation (Finn et al. 2017 §5.3, Fig. 5) on a CPU budget.
+"""MAML-RL on 2D navigation or HalfCheetah-Vel (Finn et al. 2017 §5.3, Fig. 5) on a CPU budget.
 
-Meta-trains MAMLRL through the real CLI (configs/nav2d/maml_rl.yaml) for a CPU-time budget,
-then scores it on 40 held-out goals (the test stream): the mean episode return before and after
-one VPG step on 20 trajectories of each goal, ± 95% CI, beside standing still and the oracle
-(the largest allowed move towards the known goal) on the same goals. Draws the trajectories
-before and after adaptation for a few goals.
+Meta-trains MAMLRL through the real CLI (configs/<family>/maml_rl.yaml) for a CPU-time budget,
+then scores it on the config's 40 held-out tasks (the test stream): the mean episode return
+before and after one VPG step on the config's trajectories of each task, ± 95% CI, beside the
+family's baselines on the same tasks (2D navigation: standing still and the oracle, the largest
+allowed move towards the known goal; HalfCheetah-Vel: zero and uniformly random actions). For
+2D navigation, draws the trajectories before and after adaptation for a few goals.
 
     OMP_NUM_THREADS=1 python benchmarks/nav2d_maml_rl.py --minutes 12
     OMP_NUM_THREADS=1 python benchmarks/nav2d_maml_rl.py --minutes 12 --outer optimizer --tag adam
+    OMP_NUM_THREADS=1 python benchmarks/nav2d_maml_rl.py --family cheetah_vel --minutes 30 -- \
+        --data.init_args.tasks_per_batch=10 --model.init_args.trajectories=10
 
-Writes benchmarks/results/nav2d_maml_rl[_<tag>].{md,json,png}.
+Options after `--` go to the CLI (reduced settings; the md and json record them). Writes
+benchmarks/results/<family>_maml_rl[_<tag>].{md,json} (and .png for nav2d).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from lightning_meta.callbacks import CPUTimeBudget
 from lightning_meta.cli import run_cli
 from lightning_meta.data.rl import TaskSpecStream
 from lightning_meta.data.sampler import TEST
+from lightning_meta.envs.baselines import LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = "paper: Fig. 5 only (a plot, no number to set beside these)"
@@ -75,7 +80,7 @@ def plot_trajectories(model: MAMLRL, path: Path, goals: int = 4, shown: int = 5)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    family = model.family
+    family, shown = model.family, min(shown, model.trajectories)
     batch = TaskSpecStream(family, 0, TEST)[tuple(range(goals))]
     model.eval()
     with torch.enable_grad():
@@ -106,13 +111,15 @@ def plot_trajectories(model: MAMLRL, path: Path, goals: int = 4, shown: int = 5)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("nav2d", "cheetah_vel"), default="nav2d", help="configs/<family>/")
     parser.add_argument("--minutes", type=float, default=12.0, help="meta-training budget in CPU minutes")
     parser.add_argument("--wall-minutes", type=float, default=45.0, help="wall-clock backstop")
     parser.add_argument("--max-steps", type=int, default=500)
     parser.add_argument("--outer", choices=("trpo", "optimizer"), default="trpo")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam's lr when --outer optimizer")
     parser.add_argument("--tag", default="")
-    parser.add_argument("--out", default="logs/bench_nav2d_maml_rl")
+    parser.add_argument("--out", default=None, help="default: logs/bench_<family>_maml_rl")
+    parser.add_argument("overrides", nargs="*", help="extra CLI options after --")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -125,15 +132,16 @@ def main() -> None:
     cli = run_cli(
         [
             "--config",
-            str(REPO / "configs/nav2d/maml_rl.yaml"),
+            str(REPO / f"configs/{args.family}/maml_rl.yaml"),
             "--trainer.logger=false",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_checkpointing=false",
             f"--trainer.max_time={budget}",
             f"--trainer.max_steps={args.max_steps}",
-            f"--trainer.default_root_dir={args.out}",
+            f"--trainer.default_root_dir={args.out or f'logs/bench_{args.family}_maml_rl'}",
             "--test_after_fit=false",
             *extra,
+            *args.overrides,
         ],
         run=False,
     )
@@ -150,29 +158,37 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ""
     results = REPO / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    png = results / f"nav2d_maml_rl{suffix}.png"
-    plot_trajectories(model, png)
+    name = f"{args.family}_maml_rl{suffix}"
+    if args.family == "nav2d":
+        plot_trajectories(model, results / f"{name}.png")
+    family, n, tasks = model.family, model.trajectories, cli.datamodule.tasks_per_batch
+    baselines = sorted(
+        k.removeprefix("test/baseline/") for k in metrics if k.startswith("test/baseline/") and "ci95" not in k
+    )
     outer = "TRPO (max KL 0.01)" if args.outer == "trpo" else f"Adam (lr {args.lr})"
     lines = [
-        f"MAML-RL, 2D navigation, {int(metrics['test/tasks'])} held-out goals (test stream), 20 trajectories "
-        f"per goal, mean episode return (H = 100) ± 95% CI; outer step {outer}",
+        f"MAML-RL, {type(family).__name__}, {int(metrics['test/tasks'])} held-out tasks (test stream), {n} "
+        f"trajectories per task, mean episode return (H = {family.horizon}) ± 95% CI; outer step {outer}",
         "",
         "| policy | return |",
         "|---|---|",
         f"| MAML-RL before adaptation (θ) | {cell('test/return_before')} |",
         f"| MAML-RL after one VPG step (θ') | {cell('test/return')} |",
-        f"| stand still | {cell('test/baseline/stand_still')} |",
-        f"| oracle (max move towards the goal) | {cell('test/baseline/oracle')} |",
+        *(f"| {LABELS[b]} | {cell('test/baseline/' + b)} |" for b in baselines),
         "",
-        f"Meta-training: {iterations} meta-iterations × 20 tasks × (20 + 20) trajectories in "
+        f"Meta-training: {iterations} meta-iterations × {tasks} tasks × ({n} + {n}) trajectories in "
         f"{train_cpu / 60:.1f} CPU minutes (budget {args.minutes:g}; {train_seconds / 60:.1f} min wall on this "
         f"shared, contended CPU), 1 thread; {PAPER}.",
     ]
+    if args.overrides:
+        lines.append(f"CLI overrides of configs/{args.family}/maml_rl.yaml: `{' '.join(args.overrides)}`.")
     text = "\n".join(lines)
     print(text)
-    (results / f"nav2d_maml_rl{suffix}.md").write_text(text + "\n")
+    (results / f"{name}.md").write_text(text + "\n")
     payload = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "family": args.family,
+        "overrides": args.overrides,
         "outer": args.outer,
         "iterations": iterations,
         "train_seconds": train_seconds,
@@ -181,7 +197,7 @@ def main() -> None:
         "train_curve": curve.train,
         "val_curve": curve.val,
     }
-    (results / f"nav2d_maml_rl{suffix}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (results / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
-"""PEARL on 2D navigation, reduced budget: return before and after adaptation on held-out goals.
+"""PEARL on 2D navigation or HalfCheetah-Vel, reduced budget: return before and after adaptation.
 
-Meta-trains PEARL through the real CLI (configs/nav2d/pearl.yaml) for a wall-clock budget, then
-rolls out the config's 40 fixed seeded test goals (held out: the test stream, disjoint from the
-pool of 40 training goals) for 3 episodes each: episode 1 with z ~ N(0, I) (before adaptation),
+Meta-trains PEARL through the real CLI (configs/<family>/pearl.yaml) for a CPU-time budget, then
+rolls out the config's 40 fixed seeded test tasks (held out: the test stream, disjoint from the
+pool of training tasks) for 3 episodes each: episode 1 with z ~ N(0, I) (before adaptation),
 episode 2 with z ~ q(z | episode 1), episode 3 with z ~ q(z | episodes 1-2). Beside it, on the
-same goals: standing still and the straight-to-goal oracle (per 100-step episode).
+same tasks, the family's baselines per episode (2D navigation: standing still and the
+straight-to-goal oracle; HalfCheetah-Vel: zero and uniformly random actions).
 
     OMP_NUM_THREADS=1 python benchmarks/nav2d_pearl.py --minutes 15
+    OMP_NUM_THREADS=1 python benchmarks/nav2d_pearl.py --family cheetah_vel --minutes 30
 
 The budget is CPU time of this process (the machine is shared, so a wall-clock budget would
 measure the other jobs as much as this one), with a wall-clock backstop (`--wall-minutes`).
 
 Prints a Markdown table (mean episode return ± 95% CI) and writes
-benchmarks/results/nav2d_pearl.{md,json}.
+benchmarks/results/<family>_pearl.{md,json}.
 """
 
 from __future__ import annotations
@@ -62,15 +64,18 @@ def fmt(values: torch.Tensor) -> tuple[str, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("nav2d", "cheetah_vel"), default="nav2d", help="configs/<family>/")
     parser.add_argument("--minutes", type=float, default=15.0, help="meta-training budget, CPU minutes of this process")
     parser.add_argument("--wall-minutes", type=float, default=35.0, help="wall-clock backstop")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="logs/bench_pearl")
-    parser.add_argument("--results", default=str(REPO / "benchmarks/results/nav2d_pearl"))
+    parser.add_argument("--out", default=None, help="default: logs/bench_<family>_pearl")
+    parser.add_argument("--results", default=None, help="default: benchmarks/results/<family>_pearl")
     parser.add_argument(
         "overrides", nargs="*", help="extra CLI options after --, e.g. -- --model.init_args.gradient_steps=100"
     )
     args = parser.parse_args()
+    out = args.out or f"logs/bench_{args.family}_pearl"
+    results_path = args.results or str(REPO / f"benchmarks/results/{args.family}_pearl")
     budget = time.strftime("00:%H:%M:%S", time.gmtime(args.wall_minutes * 60))
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -78,15 +83,13 @@ def main() -> None:
     cli = run_cli(
         [
             "--config",
-            str(REPO / "configs/nav2d/pearl.yaml"),
+            str(REPO / f"configs/{args.family}/pearl.yaml"),
             f"--seed_everything={args.seed}",
             f"--trainer.max_time={budget}",
             "--trainer.max_steps=-1",
-            "--trainer.logger=[{class_path: pytorch_lightning.loggers.CSVLogger, init_args: {save_dir: "
-            + args.out
-            + "}}]",
+            "--trainer.logger=[{class_path: pytorch_lightning.loggers.CSVLogger, init_args: {save_dir: " + out + "}}]",
             "--trainer.enable_progress_bar=false",
-            f"--checkpoint.dirpath={args.out}/checkpoints",
+            f"--checkpoint.dirpath={out}/checkpoints",
             "--test_after_fit=false",
             *args.overrides,
         ],
@@ -100,25 +103,21 @@ def main() -> None:
     spec = TaskSpecStream(family, data.eval_seed, TEST)[tuple(range(data.test_tasks))]
     model.eval()
     episodes = model.episode_returns(spec).cpu()  # [tasks, episodes]
-    per_episode = {
-        "stand_still": B.stand_still(family, spec.tasks, spec.noise) / family.episodes,
-        "oracle": B.navigation_oracle(family, spec.tasks, spec.noise) / family.episodes,
-    }
     rows = [
         ("PEARL, episode 1: z ~ prior (before adaptation)", episodes[:, 0]),
         ("PEARL, episode 2: z ~ q(z \\| 1 episode)", episodes[:, 1]),
         ("PEARL, episode 3: z ~ q(z \\| 2 episodes)", episodes[:, 2]),
-        ("stand still", per_episode["stand_still"]),
-        ("oracle (straight to the goal)", per_episode["oracle"]),
     ]
+    for name, run in B.baselines(family).items():  # trial returns: per episode, as PEARL's rows
+        rows.append((B.LABELS[name], run(spec.tasks, spec.noise) / family.episodes))
     steps = model.global_step // len(model.optimizers())
     header = (
-        f"PEARL on Navigation2D (H = {family.horizon}), {data.test_tasks} held-out goals, "
+        f"PEARL on {type(family).__name__} (H = {family.horizon}), {data.test_tasks} held-out tasks, "
         "mean episode return ± 95% CI; "
         f"training {train_cpu / 60:.1f} CPU minutes (budget {args.minutes:g}; {wall / 60:.1f} min wall on a shared "
         "2-core CPU, one process, OMP_NUM_THREADS=1), "
         f"{steps} gradient steps, {model.collected_steps} environment steps collected, "
-        f"{cli.trainer.fit_loop.epoch_loop._batches_that_stepped} training steps of {data.tasks_per_batch} goals "
+        f"{cli.trainer.fit_loop.epoch_loop._batches_that_stepped} training steps of {data.tasks_per_batch} tasks "
         f"from a pool of {data.train_pool}"
     )
     if args.overrides:
@@ -139,9 +138,9 @@ def main() -> None:
         results["rows"][name] = {"mean": mean, "ci95": ci}
     table = "\n".join(lines)
     print(table)
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results + ".md").write_text(table + "\n")
-    Path(args.results + ".json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(results_path + ".md").write_text(table + "\n")
+    Path(results_path + ".json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

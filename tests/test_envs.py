@@ -128,6 +128,14 @@ def test_baselines_on_known_tasks():
     torch.testing.assert_close(r / 3000, tasks["probs"].mean(1), atol=0.03, rtol=0)
 
 
+def test_every_baseline_has_a_table_label():
+    from lightning_meta.envs import AntDir, HalfCheetahVel  # built without MuJoCo: it loads on the first step
+
+    families = (BernoulliBandit(3, 4), TabularMDP(), Navigation2D(), HalfCheetahVel(), AntDir())
+    names = {name for family in families for name in B.baselines(family)}
+    assert names and names <= set(B.LABELS), names - set(B.LABELS)
+
+
 def test_value_iteration_oracle_beats_random_and_matches_a_hand_solved_mdp():
     family = TabularMDP(states=2, actions=2, horizon=3, episodes=1)
     # Action 1 in state 0 moves to state 1 for reward 0; state 1 pays 2 per step whatever the action.

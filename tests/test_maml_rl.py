@@ -228,6 +228,20 @@ def test_rollout_follows_the_family_dynamics():
     torch.testing.assert_close(data.rewards, -(positions - goal).norm(dim=-1))
 
 
+def test_action_clip_clips_what_the_environment_gets_not_the_log_probability():
+    family = Navigation2D(horizon=6, max_move=10.0)  # the family's own clip far outside the actions
+    torch.manual_seed(0)
+    model = MAMLRL(family, hidden_sizes=(8,), trajectories=4, action_scale=1.0, action_clip=0.05).double()
+    batch = specs(2, family=family)
+    shared = {n: p.detach().expand(2, *p.shape) for n, p in named_params(model.policy).items()}
+    data = model.rollout(shared, batch, model.action_noise(batch)[:, 0])
+    assert data.actions.abs().max() > 0.5  # std 1: the sampled actions are kept unclipped
+    positions = data.actions.clamp(-0.05, 0.05).cumsum(2)
+    torch.testing.assert_close(data.obs[:, :, 1:], positions[:, :, :-1].to(data.obs.dtype))
+    with pytest.raises(ValueError, match="action_clip"):
+        MAMLRL(FAMILY, action_clip=0.0)
+
+
 def test_the_loss_is_finite_and_reaches_every_parameter():
     model = small()
     theta, _, post, adapted = model.meta_batch(specs(3))

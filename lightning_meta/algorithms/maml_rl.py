@@ -27,7 +27,10 @@ default); `episode_returns` gives [pre-update, post-update] mean episode return 
 Differences from the paper's code (rllab, `maml_examples/maml_trpo_point.py`): the policy's
 actions are scaled by `action_scale` (default: the family's `max_move`) before the environment
 clips them, as rllab's `normalize` wrapper maps [-1, 1] onto the action box; episodes do not end
-early at the goal (the family's choice; rllab's point env stops within 0.01).
+early at the goal (the family's choice; rllab's point env stops within 0.01). `action_clip`
+clips the scaled action the environment receives, as `normalize` also did (the MuJoCo families
+charge their control cost on the action as given, so unclipped Gaussian exploration pays for
+noise beyond the box); the log-probabilities stay those of the sampled, unclipped action.
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ class MAMLRL(MetaRLLearner):
         init_std: the policy's initial standard deviation (in units of `action_scale`).
         action_scale: the environment receives `action_scale ×` the policy's action (None: the
             family's `max_move` if it has one, else 1).
+        action_clip: the environment receives the scaled action clipped to ±this (None: unclipped;
+            rllab's `normalize`, as in the paper's locomotion runs: 1 on HalfCheetah's [-1, 1] box).
         trajectories: episodes per task for the inner step, and again after it (the paper: 20).
         inner_lr: the VPG step size α (the paper: 0.1).
         first_order: drop the second-order terms of the inner step (as MAML's `first_order`).
@@ -151,6 +156,7 @@ class MAMLRL(MetaRLLearner):
         hidden_sizes: tuple[int, ...] = (100, 100),
         init_std: float = 1.0,
         action_scale: float | None = None,
+        action_clip: float | None = None,
         trajectories: int = 20,
         inner_lr: float = 0.1,
         first_order: bool = False,
@@ -176,6 +182,8 @@ class MAMLRL(MetaRLLearner):
                 "lr_scheduler schedules the outer optimizer, which TRPO does not use: remove it or set "
                 "outer='optimizer'"
             )
+        if action_clip is not None and action_clip <= 0:
+            raise ValueError(f"action_clip={action_clip} must be positive (or None: no clipping)")
         if trajectories < 2 or inner_lr < 0 or max_kl <= 0:
             raise ValueError(
                 f"need trajectories >= 2 (got {trajectories}), inner_lr >= 0 (got {inner_lr}) and max_kl > 0 "
@@ -186,6 +194,7 @@ class MAMLRL(MetaRLLearner):
         self.automatic_optimization = False
         self.policy = GaussianMLPPolicy(family.obs_dim, family.num_actions, tuple(hidden_sizes), init_std)
         self.action_scale = float(getattr(family, "max_move", 1.0) if action_scale is None else action_scale)
+        self.action_clip = action_clip
         self.trajectories, self.inner_lr, self.first_order = trajectories, inner_lr, first_order
         self.gamma, self.normalize_advantages, self.outer = gamma, normalize_advantages, outer
         self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
@@ -219,9 +228,10 @@ class MAMLRL(MetaRLLearner):
             obs = family.observe(tasks, state).to(noise.dtype)
             mean, log_std = self.distribution(params, obs.view(n, k, -1))
             action = mean + log_std.exp() * noise[:, :, t]
-            state, reward = family.step(
-                tasks, state, self.action_scale * action.flatten(0, 1), step_noise(env_noise, 0, t)
-            )
+            env_action = self.action_scale * action.flatten(0, 1)
+            if self.action_clip is not None:
+                env_action = env_action.clamp(-self.action_clip, self.action_clip)
+            state, reward = family.step(tasks, state, env_action, step_noise(env_noise, 0, t))
             observations.append(obs.view(n, k, -1))
             actions.append(action)
             rewards.append(reward.to(noise.dtype).view(n, k))

@@ -177,6 +177,20 @@ def random_action(family: LocomotionFamily | MetaWorldML1, tasks: Tasks, noise: 
     )
 
 
+LABELS = {
+    "random": "random",
+    "greedy": "greedy",
+    "epsilon_greedy": "ε-greedy",
+    "ucb1": "UCB1",
+    "thompson": "Thompson sampling",
+    "oracle": "oracle",
+    "stand_still": "stand still",
+    "zero_action": "zero action",
+    "random_action": "random action (uniform in [-1, 1])",
+}
+"""A table label for each baseline name of `baselines` (benchmark scripts)."""
+
+
 def baselines(family: TaskFamily) -> dict[str, Callable[[Tasks, Noise], Tensor]]:
     """The baselines of `family`, by name: each maps (tasks, noise) to trial returns."""
     if isinstance(family, BernoulliBandit):
