@@ -17,6 +17,13 @@ Two more modes (`--mode`), the same protocol:
   rates (`configs/sinusoid/maml_lr_selection.yaml`: step multipliers 0.1, 1, 3 of inner lr 0.01);
   a fixed candidate is plain MAML at that learning rate (inner lr 0.001, 0.01, 0.03).
 - `product`: both axes at once, (MSE or L1) × (0.001, 0.01, 0.03): six candidates, one selector.
+- `omniglot`: the classification family. MAML on Omniglot 5-way 5-shot
+  (`configs/omniglot_5w5s/maml_label_noise.yaml`: Conv4 with 16 channels, 8 tasks per meta-step),
+  half the tasks with 40% of their support labels flipped to another class (queries clean; test
+  tasks from held-out characters). Candidates: cross-entropy, label-smoothed CE, focal,
+  generalised CE, MSE on one-hot logits. The metric is query accuracy (%, higher is better) after
+  `--eval-steps` inner steps; the oracle takes each task's most accurate fixed-loss model (ties
+  broken by the lower query cross-entropy). Methods also include MeTAL (`MeTALLoss`).
 - `autoloss`: AutoLoss's regression task (`configs/linear_regression/maml_autoloss.yaml`: 16-d
   linear regression, 200 support points, noise variance 2), candidates MSE and MSE + 0.2·|w|_1.
   One task type (two, dense / sparse, with `--override=--data.init_args.sparse_fraction=0.5`).
@@ -30,6 +37,7 @@ Two more modes (`--mode`), the same protocol:
     python benchmarks/loss_selection.py --mode autoloss --steps 300 --eval-steps 20 --tag _mixed_k20 \\
         --methods mse mse_l1 mixture policy --override=--data.init_args.sparse_fraction=0.5 \\
         --override=--model.init_args.inner_steps=20        # trained through 20 inner steps, as tested
+    PYTHONPATH=. python benchmarks/loss_selection.py --mode omniglot --steps 250 --eval-steps 3
 """
 
 from __future__ import annotations
@@ -60,6 +68,15 @@ LR_SCALES = [0.1, 1.0, 3.0]
 LR_BASE = 0.01
 AUTOLOSS_CONFIG = REPO / "configs" / "linear_regression" / "maml_autoloss.yaml"
 AUTOLOSS_CANDIDATES = ["mse", "mse_l1"]
+OMNIGLOT_CONFIG = REPO / "configs" / "omniglot_5w5s" / "maml_label_noise.yaml"
+OMNIGLOT_CANDIDATES = [
+    "cross_entropy",
+    "label_smoothed_cross_entropy",
+    "focal",
+    "generalised_cross_entropy",
+    "mse_one_hot",
+]
+OMNIGLOT_WAYS = 5
 SELECTORS = {
     "mixture": "lightning_meta.losses.MixtureLoss",
     "policy": "lightning_meta.losses.PolicyLoss",
@@ -79,8 +96,11 @@ class Mode:
             self.config, self.candidates = LR_CONFIG, [f"{loss}@{s:g}" for loss in self.losses for s in LR_SCALES]
         elif name == "autoloss":
             self.config, self.candidates = AUTOLOSS_CONFIG, AUTOLOSS_CANDIDATES
+        elif name == "omniglot":
+            self.config, self.candidates = OMNIGLOT_CONFIG, OMNIGLOT_CANDIDATES
         else:
-            raise ValueError(f"--mode {name!r} must be loss, lr, product or autoloss")
+            raise ValueError(f"--mode {name!r} must be loss, lr, product, autoloss or omniglot")
+        self.classification = name == "omniglot"
 
     def inner_loss_args(self, method: str) -> list[str]:
         if self.name in ("lr", "product") and method in self.candidates:
@@ -97,18 +117,29 @@ class Mode:
                 "--model.init_args.inner_loss.init_args.name=" + method,
             ]
         if method == "ML3":
-            return ["--model.init_args.inner_loss=lightning_meta.losses.ML3Loss"]
+            outputs = [f"--model.init_args.inner_loss.init_args.outputs={OMNIGLOT_WAYS}"] if self.classification else []
+            return ["--model.init_args.inner_loss=lightning_meta.losses.ML3Loss", *outputs]
+        if method == "MeTAL" and self.classification:
+            # As configs/omniglot_5w5s/maml_metal.yaml: 18 adapted tensors on Conv4, one training step.
+            return [
+                "--model.init_args.inner_loss=lightning_meta.losses.MeTALLoss",
+                f"--model.init_args.inner_loss.init_args.ways={OMNIGLOT_WAYS}",
+                "--model.init_args.inner_loss.init_args.parameter_tensors=18",
+                "--model.init_args.inner_loss.init_args.steps=1",
+            ]
         if method not in SELECTORS:
-            raise ValueError(f"method {method!r}: choose among {self.candidates}, {list(SELECTORS)} or ML3")
+            raise ValueError(f"method {method!r}: choose among {self.candidates}, {list(SELECTORS)}, ML3 or MeTAL")
         if self.name in ("lr", "product"):
             return [
                 f"--model.init_args.inner_loss={SELECTORS[method]}",
                 f"--model.init_args.inner_loss.init_args.candidates=[{','.join(self.losses)}]",
                 f"--model.init_args.inner_loss.init_args.lr_scales=[{','.join(map(str, LR_SCALES))}]",
             ]
+        kind = ["--model.init_args.inner_loss.init_args.kind=classification"] if self.classification else []
         return [
             f"--model.init_args.inner_loss={SELECTORS[method]}",
             f"--model.init_args.inner_loss.init_args.candidates=[{','.join(self.candidates)}]",
+            *kind,
         ]
 
     def build(self, method: str, steps: int, seed: int, overrides: list[str] = ()):
@@ -121,7 +152,8 @@ class Mode:
 
 def test_tasks(data, count: int) -> tuple[list, torch.Tensor, tuple[str, ...]]:
     """The fixed test tasks, each one's type (recomputed from its generator) and the type names."""
-    family = data.family
+    # The regression modules have one `family`; the episodic ones (Omniglot) a source per split.
+    family = data.family if hasattr(data, "family") else (data.setup(), data.sources["test"])[1]
     typed = getattr(family, "sample_with_type", None)
     tasks, kinds = [], []
     for i in range(count):
@@ -132,23 +164,48 @@ def test_tasks(data, count: int) -> tuple[list, torch.Tensor, tuple[str, ...]]:
     return tasks, torch.tensor(kinds), getattr(family, "task_types", None) or ("all",)
 
 
-def query_mse(model, tasks: list, steps: int) -> tuple[torch.Tensor, list[int] | None]:
+def query_scores(model, tasks: list, steps: int) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+    """Per test task, after `steps` inner steps: the metric (query MSE for regression, query
+    accuracy in % for classification), the query cross-entropy (classification; else the MSE
+    again: the oracle's tie-break) and the selector's choices."""
     model.eval()
-    losses, choices = [], []
+    metric, losses, choices = [], [], []
     pop = getattr(model.inner_loss, "pop_choices", None)
     for task in tasks:
         adapted = model.adapt(task, steps)[-1]
         with torch.no_grad():
-            losses.append(((forward(model.backbone, adapted, task.query_x) - task.query_y) ** 2).mean())
+            predictions = forward(model.backbone, adapted, task.query_x)
+            if task.query_y.is_floating_point():
+                metric.append(((predictions - task.query_y) ** 2).mean())
+                losses.append(metric[-1])
+            else:
+                metric.append(100.0 * (predictions.argmax(-1) == task.query_y).float().mean())
+                losses.append(torch.nn.functional.cross_entropy(predictions, task.query_y))
         if pop is not None:
             choices += pop().tolist()
     model.train()
-    return torch.stack(losses), (choices or None)
+    return torch.stack(metric), torch.stack(losses), (choices or None)
 
 
-def cell(values: torch.Tensor) -> str:
-    """Mean ± 95% CI; where adaptation blew up (non-finite MSE or above 1e3: MSE's gradient on an
-    outlier of scale ~1e3 throws the fit away), how many tasks, and the mean over the rest."""
+def oracle(metric: torch.Tensor, losses: torch.Tensor, higher_is_better: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best fixed candidate per task after the fact, from `[candidates, tasks]` metrics: its
+    metric and its index. Ties (accuracy is discrete) go to the lower query loss, then the first
+    candidate. A non-finite metric or loss (a diverged task) is the worst choice, not a NaN."""
+    worst = float("-inf") if higher_is_better else float("inf")
+    metric = metric.nan_to_num(nan=worst)
+    best = metric.max(0).values if higher_is_better else metric.min(0).values
+    tied = losses.nan_to_num(nan=float("inf")).masked_fill(metric != best, float("inf"))
+    choice = torch.where(torch.isinf(tied).all(0), 0, tied.argmin(0))
+    return best, choice
+
+
+def cell(values: torch.Tensor, accuracy: bool = False) -> str:
+    """Mean ± 95% CI (accuracy in %: one decimal); where adaptation blew up (non-finite MSE or above
+    1e3: MSE's gradient on an outlier of scale ~1e3 throws the fit away), how many tasks, and the
+    mean over the rest."""
+    if accuracy:
+        mean, ci = mean_and_ci95(values)
+        return f"{mean:.1f} ± {ci:.1f}"
     diverged = ~torch.isfinite(values) | (values > 1e3)
     mean, ci = mean_and_ci95(values[~diverged])
     if diverged.any():
@@ -158,7 +215,7 @@ def cell(values: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="loss", choices=["loss", "lr", "product", "autoloss"])
+    parser.add_argument("--mode", default="loss", choices=["loss", "lr", "product", "autoloss", "omniglot"])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--eval-steps", type=int, default=10)
@@ -175,29 +232,38 @@ def main() -> None:
 
     mode = Mode(args.mode)
     if args.methods is None:
-        args.methods = [*mode.candidates, *SELECTORS, *(["ML3"] if args.mode == "loss" else [])]
+        learned = {"loss": ["ML3"], "omniglot": ["ML3", "MeTAL"]}.get(args.mode, [])
+        args.methods = [*mode.candidates, *SELECTORS, *learned]
     results, kinds, type_names = {}, None, ()
     for method in args.methods:
         pl.seed_everything(args.seed, verbose=False)
         model, data = mode.build(method, args.steps, args.seed, args.override)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         bare_trainer(max_steps=args.steps, accelerator="cpu").fit(model, datamodule=data)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         tasks, kinds, type_names = test_tasks(data, args.test_tasks)
-        losses, choices = query_mse(model, tasks, args.eval_steps)
+        losses, query_loss, choices = query_scores(model, tasks, args.eval_steps)
         names = getattr(model.inner_loss, "candidates", None) if method in SELECTORS else None
-        results[method] = {"losses": losses.tolist(), "choices": choices, "names": names, "seconds": seconds}
-        print(f"{method}: {cell(losses)} ({seconds / 60:.1f} min)", flush=True)
+        results[method] = {"losses": losses.tolist(), "choices": choices, "names": names, "seconds": seconds,
+                           "cpu_seconds": cpu_seconds, "query_loss": query_loss.tolist()}  # fmt: skip
+        print(f"{method}: {cell(losses, mode.classification)} ({seconds / 60:.1f} min)", flush=True)
+        # Written after every method, so a run cut short keeps what it measured.
+        report(args, mode, dict(results), kinds, type_names, show=method == args.methods[-1])
 
+
+def report(
+    args: argparse.Namespace, mode: Mode, results: dict, kinds: torch.Tensor, type_names: tuple, show: bool = True
+) -> None:
+    """The table (md, printed) and the raw per-task numbers (json) of the methods run so far."""
     fixed = [m for m in mode.candidates if m in results]
     if fixed:
-        # A diverged task (non-finite MSE) is the worst choice, not a NaN that poisons the min.
-        stacked = torch.tensor([results[m]["losses"] for m in fixed]).nan_to_num(nan=float("inf"))
-        results["oracle"] = {
-            "losses": stacked.min(0).values.tolist(),
-            "choices": stacked.argmin(0).tolist(),
-            "names": fixed,
-        }
+        # "losses" holds the metric: MSE (lower is better) or accuracy (higher is better).
+        best, choice = oracle(
+            torch.tensor([results[m]["losses"] for m in fixed]),
+            torch.tensor([results[m]["query_loss"] for m in fixed]),
+            higher_is_better=mode.classification,
+        )
+        results["oracle"] = {"losses": best.tolist(), "choices": choice.tolist(), "names": fixed}
 
     overrides = f" Overrides: {' '.join(args.override)}." if args.override else ""
     lines = [caption(args, kinds, type_names) + overrides, ""]
@@ -219,14 +285,17 @@ def main() -> None:
                 counts = torch.bincount(c[kinds == t], minlength=len(candidates))
                 parts.append(", ".join(f"{candidates[i]} {int(n)}" for i, n in enumerate(counts) if n))
             shares = " / ".join(parts)
-        cells = [cell(losses[kinds == t]) for t in range(len(type_names))]
+        cells = [cell(losses[kinds == t], mode.classification) for t in range(len(type_names))]
         if len(type_names) > 1:
-            cells.append(cell(losses))
+            cells.append(cell(losses, mode.classification))
         seconds = results[method].get("seconds")
         minutes = f"{seconds / 60:.1f}" if seconds is not None else ""
         lines.append(f"| {method} | {' | '.join(cells)} | {shares} | {minutes} |")
+    cpu = [f"{m} {results[m]['cpu_seconds'] / 60:.1f}" for m in results if "cpu_seconds" in results[m]]
+    lines += ["", "Process CPU minutes of training (one thread): " + ", ".join(cpu) + "."]
     table = "\n".join(lines)
-    print(table)
+    if show:
+        print(table, flush=True)
     stem = ("loss_selection" if args.mode == "loss" else f"loss_selection_{args.mode}") + args.tag
     (args.out / f"{stem}.md").write_text(table + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
@@ -234,6 +303,16 @@ def main() -> None:
 
 
 def caption(args: argparse.Namespace, kinds: torch.Tensor, type_names: tuple[str, ...]) -> str:
+    counts = ", ".join(f"{int((kinds == t).sum())} {name}" for t, name in enumerate(type_names))
+    if args.mode == "omniglot":
+        return (
+            f"Omniglot 5-way 5-shot, half the tasks with 40% of the support labels flipped to another class (queries "
+            f"clean, held-out test characters), MAML (Conv4, 16 channels, second order, inner lr 0.1, 1 inner step in "
+            f"training), inner loss chosen among fixed candidates, {args.steps} meta-steps of 8 tasks per method "
+            f"(seed {args.seed}), query accuracy (%) after {args.eval_steps} inner steps on {args.test_tasks} fixed "
+            f"test tasks ({counts}), mean ± 95% CI. Oracle: the most accurate fixed-candidate model per test task, "
+            f"after the fact (ties: the lower query cross-entropy). train min: wall minutes, shared CPU, one thread."
+        )
     budget = (
         f"{args.steps} meta-steps of 25 tasks per method (seed {args.seed}), query MSE after {args.eval_steps} inner "
         f"steps on {args.test_tasks} fixed test tasks"
@@ -244,7 +323,6 @@ def caption(args: argparse.Namespace, kinds: torch.Tensor, type_names: tuple[str
             f"AutoLoss's regression tasks (16-d linear, 200 support points, noise variance 2), MAML with a linear "
             f"model, {budget}, mean ± 95% CI. {oracle}"
         )
-    counts = ", ".join(f"{int((kinds == t).sum())} {name}" for t, name in enumerate(type_names))
     what = {
         "lr": "inner learning rate chosen among 0.001 / 0.01 / 0.03 (MSE inner loss)",
         "product": "(inner loss, inner learning rate) chosen among {MSE, L1} × {0.001, 0.01, 0.03}",

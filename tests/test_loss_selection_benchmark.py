@@ -1,0 +1,64 @@
+"""benchmarks/loss_selection.py's scoring: the oracle and the per-task metric (no training)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_meta.task import Task
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_selection.py"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports bench_trainer beside it
+    return importlib.import_module("loss_selection")
+
+
+def test_the_accuracy_oracle_takes_the_most_accurate_candidate_and_breaks_ties_by_query_loss(bench) -> None:
+    # Three candidates (rows) on four tasks (columns); accuracy, higher is better.
+    accuracy = torch.tensor([[80.0, 60.0, 40.0, float("nan")], [80.0, 70.0, 20.0, 50.0], [60.0, 70.0, 40.0, 50.0]])
+    loss = torch.tensor([[0.9, 1.0, 2.0, 1.0], [0.5, 1.2, 3.0, 1.1], [0.1, 0.8, 1.5, 0.9]])
+    best, choice = bench.oracle(accuracy, loss, higher_is_better=True)
+    assert best.tolist() == [80.0, 70.0, 40.0, 50.0]
+    # Task 0: a tie at 80 between 0 and 1, 1 has the lower loss (2 has lower loss but is less accurate).
+    # Task 3: a NaN accuracy is the worst, not the best.
+    assert choice.tolist() == [1, 2, 2, 2]
+
+
+def test_the_mse_oracle_takes_the_lowest_error_and_a_diverged_task_never_wins(bench) -> None:
+    mse = torch.tensor([[0.5, float("nan")], [0.25, 3.0]])
+    best, choice = bench.oracle(mse, mse, higher_is_better=False)
+    assert best.tolist() == [0.25, 3.0] and choice.tolist() == [1, 1]
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' whose adaptation returns fixed logits: scores the metric alone."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.backbone, self.inner_loss, self.logits = torch.nn.Identity(), torch.nn.Identity(), logits
+
+    def adapt(self, task: Task, steps: int) -> list[dict]:
+        return [{}]
+
+
+def test_classification_tasks_are_scored_by_query_accuracy_in_percent(bench, monkeypatch) -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 5.0]])
+    monkeypatch.setattr(bench, "forward", lambda module, params, x: logits)
+    task = Task(torch.zeros(2, 1), torch.tensor([0, 1]), torch.zeros(4, 1), torch.tensor([0, 1, 1, 1]))
+    accuracy, loss, choices = bench.query_scores(_Fixed(logits), [task], steps=1)
+    assert accuracy.tolist() == [75.0] and choices is None
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, task.query_y).item())
+
+
+def test_the_omniglot_mode_sets_classification_selectors_and_metal(bench) -> None:
+    mode = bench.Mode("omniglot")
+    assert "--model.init_args.inner_loss.init_args.kind=classification" in mode.inner_loss_args("mixture")
+    assert "--model.init_args.inner_loss.init_args.outputs=5" in mode.inner_loss_args("ML3")
+    assert "--model.init_args.inner_loss=lightning_meta.losses.MeTALLoss" in mode.inner_loss_args("MeTAL")
+    assert all("kind=" not in a for a in bench.Mode("loss").inner_loss_args("mixture"))
