@@ -8,14 +8,17 @@ separate tasks (the validation stream) before it is scored on the test tasks.
     OMP_NUM_THREADS=1 python benchmarks/bandit_rl2.py --family bandit --minutes 12
     OMP_NUM_THREADS=1 python benchmarks/bandit_rl2.py --family bandit --pulls 100 --minutes 12
     OMP_NUM_THREADS=1 python benchmarks/bandit_rl2.py --family mdp --minutes 12
+    OMP_NUM_THREADS=1 python benchmarks/bandit_rl2.py --family bandit --pulls 100 --minutes 25 \
+        --config configs/bandit/rl2_n100.yaml
 
 Prints a Markdown table (method, mean trial return ± 95% CI, the paper's number where it gives
-one) and writes it to benchmarks/results/rl2_<family>[_n<pulls>].md.
+one) and writes it to benchmarks/results/rl2_<family>[_n<pulls>].md (and .json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,10 +56,11 @@ def main() -> None:
     parser.add_argument("--pulls", type=int, default=10, help="bandit pulls per trial (n)")
     parser.add_argument("--minutes", type=float, default=12.0, help="meta-training wall-clock budget")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=None, help="the RL² config (default: configs/<family>/rl2.yaml)")
     parser.add_argument("--out", default="logs/bench_rl2")
     args = parser.parse_args()
 
-    config = REPO / "configs" / args.family / "rl2.yaml"
+    config = Path(args.config).resolve() if args.config else REPO / "configs" / args.family / "rl2.yaml"
     budget = time.strftime("00:%H:%M:%S", time.gmtime(args.minutes * 60))
     cli_args = [
         "fit",
@@ -92,7 +96,8 @@ def main() -> None:
     key = (args.family, args.pulls if args.family == "bandit" else 10)
     paper = PAPER.get(key, {})
     lines = [
-        f"{model.family!r}: RL² meta-trained {wall / 60:.1f} min wall (incl. validation and test) on CPU, "
+        f"{model.family!r} ({config.relative_to(REPO) if config.is_relative_to(REPO) else config}): RL² meta-trained "
+        f"{wall / 60:.1f} min wall, {time.process_time() / 60:.1f} CPU min (incl. validation and test) on CPU, "
         f"{rollouts} rollouts × {data.tasks_per_batch} trials, {steps} PPO optimizer steps; "
         f"{data.test_tasks} test tasks",
         "",
@@ -110,7 +115,19 @@ def main() -> None:
     suffix = f"_n{args.pulls}" if args.family == "bandit" else ""
     out = REPO / "benchmarks" / "results" / f"rl2_{args.family}{suffix}.md"
     out.write_text("\n".join(lines) + f"\n\n`{' '.join(['python benchmarks/bandit_rl2.py', *sys.argv[1:]])}`\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    record = {
+        "family": repr(model.family),
+        "config": str(config),
+        "wall_minutes": wall / 60,
+        "cpu_minutes": time.process_time() / 60,
+        "rollouts": rollouts,
+        "optimizer_steps": steps,
+        "rows": [{"method": name, "mean": mean, "ci95": ci} for name, mean, ci in rows],
+        "paper": paper,
+        "command": " ".join(["python benchmarks/bandit_rl2.py", *sys.argv[1:]]),
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)} and its .json")
 
 
 if __name__ == "__main__":
