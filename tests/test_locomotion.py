@@ -88,6 +88,8 @@ def test_gymnasium_twin_and_batched_family_give_identical_transitions(env_id):
     tasks = family.sample_tasks(3, np.random.default_rng(4))
     for key in tasks:
         np.testing.assert_array_equal(np.stack([t[key] for t in gym_tasks]), tasks[key].numpy())
+    with pytest.raises(ValueError, match=f"lacks \\['{family.task_keys[0]}'\\].*sample_tasks"):
+        env.unwrapped.set_task({})  # a task without the family's keys, refused by name
     actions = _actions(family, episodes * horizon, 3)
     batched_obs, batched_rewards = [], []
     for _ in range(episodes):

@@ -37,14 +37,13 @@ TaskArrays = dict[str, np.ndarray]
 """One task's parameters, as numpy arrays."""
 
 
-class _TaskEnv(gym.Env):
-    """Shared task handling; subclasses define the spaces and `_reset_state` / `_step`."""
+class TaskHolder:
+    """The task interface every family's Gymnasium twin shares: `sample_tasks`, `set_task`, the
+    task in `info`. A mixin without a Gymnasium base, so the MuJoCo and Meta-World twins put it
+    in front of (or beside) their own environment class; `self.family` is the batched family."""
 
     family: TaskFamily
-
-    def __init__(self) -> None:
-        self.task: TaskArrays | None = None
-        self.t = 0
+    task: TaskArrays | None = None
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[TaskArrays]:
         """`n` tasks from `rng`, as the batched family draws them."""
@@ -52,15 +51,35 @@ class _TaskEnv(gym.Env):
         return [{key: value[i].numpy() for key, value in batch.items()} for i in range(n)]
 
     def set_task(self, task: TaskArrays) -> None:
-        """Switch to `task` (takes effect now; the next `reset` starts an episode on it)."""
+        """Switch to `task`; a family with `task_keys` refuses a task that lacks one."""
+        missing = set(getattr(self.family, "task_keys", ())) - set(task)
+        if missing:
+            raise ValueError(f"task {task} lacks {sorted(missing)}: use sample_tasks() to make one")
         self.task = {key: np.asarray(value) for key, value in task.items()}
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
+    def _task_info(self) -> TaskArrays:
+        # A fresh dict per call: users keep infos, and Gymnasium's checker refuses shared ones.
+        return {key: value.copy() for key, value in self.task.items()}
+
+    def _take_task(self, options: dict[str, Any] | None) -> None:
+        """At `reset`: the task in `options`, else the current one, else one drawn from the
+        environment's `np_random` (seeded by `reset(seed=...)`)."""
         if options and "task" in options:
             self.set_task(options["task"])
         if self.task is None:
             self.set_task(self.sample_tasks(1, self.np_random)[0])
+
+
+class _TaskEnv(TaskHolder, gym.Env):
+    """Shared task handling; subclasses define the spaces and `_reset_state` / `_step`."""
+
+    def __init__(self) -> None:
+        self.task = None
+        self.t = 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self._take_task(options)
         self.t = 0
         self.state = self._initial_state()
         return self._obs(), self._info()
@@ -69,8 +88,7 @@ class _TaskEnv(gym.Env):
         return 0  # the first state of every episode
 
     def _info(self) -> dict[str, TaskArrays]:
-        # A fresh dict per call: users keep infos, and Gymnasium's checker refuses shared ones.
-        return {"task": {key: value.copy() for key, value in self.task.items()}}
+        return {"task": self._task_info()}
 
     def _obs(self) -> np.ndarray:
         raise NotImplementedError

@@ -22,39 +22,19 @@ import numpy as np
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
 
+from lightning_meta.envs.gym_envs import TaskHolder
 from lightning_meta.envs.locomotion import AntDir, HalfCheetahDir, HalfCheetahVel, LocomotionFamily
 
-TaskArrays = dict[str, np.ndarray]
 
-
-class _LocomotionTaskEnv:
+class _LocomotionTaskEnv(TaskHolder):
     """Task handling on top of a Gymnasium MuJoCo class (first in the bases, so it wraps its
     `reset` and `step`)."""
 
     family: LocomotionFamily
-    task: TaskArrays | None
-
-    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[TaskArrays]:
-        """`n` tasks from `rng`, as the batched family draws them."""
-        batch = self.family.sample_tasks(n, rng)
-        return [{key: value[i].numpy() for key, value in batch.items()} for i in range(n)]
-
-    def set_task(self, task: TaskArrays) -> None:
-        """Switch to `task` (its reward applies from the next step)."""
-        missing = set(self.family.task_keys) - set(task)
-        if missing:
-            raise ValueError(f"task {task} lacks {sorted(missing)}: use sample_tasks() to make one")
-        self.task = {key: np.asarray(value) for key, value in task.items()}
-
-    def _task_info(self) -> TaskArrays:
-        return {key: value.copy() for key, value in self.task.items()}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         obs, info = super().reset(seed=seed, options=options)
-        if options and "task" in options:
-            self.set_task(options["task"])
-        if self.task is None:
-            self.set_task(self.sample_tasks(1, self.np_random)[0])
+        self._take_task(options)
         self.t = 0
         return obs, {**info, "task": self._task_info()}
 

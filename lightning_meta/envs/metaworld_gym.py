@@ -18,12 +18,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from lightning_meta.envs.gym_envs import TaskArrays, TaskHolder
 from lightning_meta.envs.metaworld_ml1 import MetaWorldML1, make_env
 
-TaskArrays = dict[str, np.ndarray]
 
-
-class MetaWorldML1Env(gym.Env):
+class MetaWorldML1Env(TaskHolder, gym.Env):
     """`MetaWorldML1` as a Gymnasium environment.
 
     Args:
@@ -53,27 +52,9 @@ class MetaWorldML1Env(gym.Env):
         self.observation_space = probe.observation_space
         self.action_space = probe.action_space
 
-    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[TaskArrays]:
-        """`n` tasks from `rng`, as the batched family draws them."""
-        batch = self.family.sample_tasks(n, rng)
-        return [{key: value[i].numpy() for key, value in batch.items()} for i in range(n)]
-
-    def set_task(self, task: TaskArrays) -> None:
-        """Switch to `task` from the next reset."""
-        missing = {"goal", "test"} - set(task)
-        if missing:
-            raise ValueError(f"task {task} lacks {sorted(missing)}: use sample_tasks() to make one")
-        self.task = {key: np.asarray(value) for key, value in task.items()}
-
-    def _task_info(self) -> TaskArrays:
-        return {key: value.copy() for key, value in self.task.items()}
-
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        if options and "task" in options:
-            self.set_task(options["task"])
-        if self.task is None:
-            self.set_task(self.sample_tasks(1, self.np_random)[0])
+        self._take_task(options)
         key = (int(self.task["test"]), int(self.task["goal"]))
         if key not in self._envs:
             self._envs[key], _ = make_env(self.family.env_name, self.family.benchmark_seed, bool(key[0]), key[1])

@@ -147,6 +147,7 @@ class MetaWorldML1(TaskFamily):
     discrete = False
     obs_dim = OBS_DIM
     num_actions = ACTION_DIM
+    task_keys = ("goal", "test")  # a task: ML1's goal index and whether it is a held-out goal
 
     def __init__(
         self,
