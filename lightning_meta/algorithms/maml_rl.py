@@ -254,12 +254,13 @@ class MAMLRL(MetaRLLearner):
         mean, log_std = functional_call(self.policy, params, (data.obs[i],))
         return -(gaussian_log_prob(mean, log_std, data.actions[i]) * data.advantages[i]).mean()
 
+    def adapt_task(self, params: Params, pre: Trajectories, i: int, first_order: bool) -> Params:
+        """Task `i`'s one VPG step from `params` on its pre-update trajectories: θ'_i."""
+        return adapt(lambda p: self.inner_loss(p, pre, i), params, 1, self.inner_lr, first_order)[-1]
+
     def adapt_all(self, params: Params, pre: Trajectories, first_order: bool) -> Params:
         """One VPG step per task from `params` on its pre-update trajectories: stacked θ'_i `[tasks, ...]`."""
-        adapted = [
-            adapt(lambda p, i=i: self.inner_loss(p, pre, i), params, 1, self.inner_lr, first_order)[-1]
-            for i in range(pre.obs.shape[0])
-        ]
+        adapted = [self.adapt_task(params, pre, i, first_order) for i in range(pre.obs.shape[0])]
         return {name: torch.stack([a[name] for a in adapted]) for name in params}
 
     def surrogate(self, adapted: Params, post: Trajectories, old: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lightning_meta.algorithms.maml_rl import MAMLRL, Trajectories
 from lightning_meta.envs.metaworld_ml1 import benchmark, require_metaworld
-from lightning_meta.inner_loop import adapt, named_params
+from lightning_meta.inner_loop import named_params
 from lightning_meta.task import Params
 
 
@@ -140,8 +140,8 @@ class MAMLRLAgent:
         with torch.enable_grad():
             for i in range(envs):
                 own = {name: p[i].detach().requires_grad_() for name, p in self.params.items()}
-                step = adapt(lambda p, i=i: self.learner.inner_loss(p, data, i), own, 1, self.learner.inner_lr, True)
-                adapted.append({name: p.detach() for name, p in step[-1].items()})
+                step = self.learner.adapt_task(own, data, i, first_order=True)
+                adapted.append({name: p.detach() for name, p in step.items()})
         self.params = {name: torch.stack([a[name] for a in adapted]) for name in self.params}
 
     def eval_action(self, observations: np.ndarray) -> np.ndarray:
