@@ -49,6 +49,7 @@ class MetaWorldML1Env(TaskHolder, gym.Env):
         self._envs: dict[tuple[int, int], Any] = {}
         self.t = 0
         probe, _ = make_env(env_name, benchmark_seed, split == "test", 0)
+        self._envs[(int(split == "test"), 0)] = probe  # goal 0's simulator: reused, not built again at reset
         self.observation_space = probe.observation_space
         self.action_space = probe.action_space
 
