@@ -19,6 +19,7 @@ Writes, under `--out` (default benchmarks/results/): `sinusoid_table.md` (the ta
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -154,6 +155,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=600, help="held-out test tasks")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--nonfinite",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a non-finite meta-loss stops training (raise; the table scores the weights from before it) "
+        "or drops that step and goes on (skip; the table counts the dropped steps)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -175,7 +183,10 @@ def main() -> None:
             pl.seed_everything(args.seed, verbose=False)
             model, data, clip = build(ALGORITHMS[name], train_k, args.steps, args.seed)
             config_eval_steps[name] = model.eval_inner_steps
+            model.nonfinite = args.nonfinite
             spent, note = train(model, data, args.steps, clip)
+            if model.skipped_steps:
+                note = f"{note}; " * bool(note) + f"{model.skipped_steps} steps skipped: non-finite meta-loss"
             seconds[name] += spent
             paths[name] = model.task_batching + (f"; K={train_k} {note}" if note else "")
             for k in args.ks if not args.per_k else [train_k]:
@@ -203,14 +214,25 @@ def main() -> None:
         cells = [f"{PUBLISHED.get((name, k), '')} | " for k in args.ks]
         lines.append(f"| {name}, published (Meta-SGD paper, Table 1) | | " + " | ".join(cells) + " |")
     for name in args.algorithms:
-        if config_eval_steps[name] < EVAL_STEPS:  # Meta-SGD: rates learned for its training steps
+        own = config_eval_steps[name]
+        if own < EVAL_STEPS:  # Meta-SGD: rates learned for its training steps
             lines.append(
-                f"\n{name}'s config tests after {config_eval_steps[name]} inner step(s) (`eval_inner_steps`), the "
+                f"\n{name}'s config tests after {own} inner step(s) (`eval_inner_steps`), the "
                 f"steps it learns for; its {EVAL_STEPS}-step columns apply its update beyond that, for comparison."
             )
+            if own != 1:
+                at_own = ", ".join(f"K={k}: {cell(mse[name, k][:, own])}" for k in args.ks if (name, k) in mse)
+                lines.append(f"After its {own} steps: {at_own}.")
     table = "\n".join(lines)
     print(table)
     (args.out / "sinusoid_table.md").write_text(table + "\n")
+    # Every step's mean ± CI, for rows read at a step the table has no column for.
+    per_step = {
+        f"{name} | K={k}": [[float(m), float(c)] for m, c in (mean_and_ci95(v) for v in values.T)]
+        for (name, k), values in mse.items()
+    }
+    record = {"steps": args.steps, "seed": args.seed, "train_seconds": seconds, "paths": paths}
+    (args.out / "sinusoid_table.json").write_text(json.dumps({**record, "mse_mean_ci_by_step": per_step}, indent=1))
 
     figure, axes = plt.subplots(1, len(args.ks), figsize=(4.5 * len(args.ks), 3.6), squeeze=False)
     for ax, k in zip(axes[0], args.ks, strict=True):
