@@ -20,6 +20,15 @@ episodes, the linear baseline and advantage normalisation of training) per envir
 `eval_action` is the adapted policy's mean. `RandomAgent` acts uniformly in [-1, 1] (the
 floor). Pre-adaptation scores run the same protocol with `adaptation_steps=0`.
 
+`PEARLAgent` does the same for a trained `PEARL`, whose adaptation is inference, not a gradient
+step: `init()` empties every environment's context and draws its z from the prior N(0, I);
+`adapt_action` is the actor's mean action for (observation, z) (PEARL's own evaluation: the
+exploration comes from z, resampled each episode); `step` adds each transition (s, a, r) to its
+environment's context and, when an environment's episode ends, draws its z for the next episode
+from q(z | its context so far) (posterior sampling); `adapt()` sets each environment's evaluation
+z to the mean of q(z | every transition since `init()`); `eval_action` is the actor's mean action
+with that z. Without adaptation (`adaptation_steps=0`) the evaluation z is the prior's mean, 0.
+
 Meta-World is imported on first use (the `metaworld` extra).
 """
 
@@ -32,6 +41,7 @@ import torch
 from torch import Tensor
 
 from lightning_meta.algorithms.maml_rl import MAMLRL, Trajectories
+from lightning_meta.algorithms.pearl import PEARL
 from lightning_meta.envs.metaworld_ml1 import benchmark, require_metaworld
 from lightning_meta.inner_loop import named_params
 from lightning_meta.task import Params
@@ -151,6 +161,87 @@ class MAMLRLAgent:
 
     def reset(self, env_mask: np.ndarray) -> None:
         """Nothing to reset: the policy is feed-forward."""
+
+
+class PEARLAgent:
+    """A trained `PEARL` as Meta-World's `MetaLearningAgent`; see the module docstring.
+
+    Args:
+        learner: the trained learner (its family a `MetaWorldML1` of the same environment), with
+            (s, a, r) context: Meta-World's `Timestep` carries no next observation.
+        num_envs: the vector env's number of environments.
+        seed: the seed of the z draws (prior and posterior samples) of the adaptation episodes.
+    """
+
+    def __init__(self, learner: PEARL, num_envs: int, seed: int = 0) -> None:
+        if learner.use_next_obs:
+            raise ValueError(
+                "PEARLAgent needs use_next_obs_in_context=False: Meta-World's Timestep has no next observation "
+                "(and same-step autoreset replaces the last one with the next episode's first)"
+            )
+        self.learner, self.num_envs = learner, num_envs
+        self.generator = torch.Generator().manual_seed(seed)
+        self.init()
+
+    def _like(self) -> Tensor:
+        return self.learner.policy.net[0].weight
+
+    def _tensor(self, values: np.ndarray) -> Tensor:
+        like = self._like()
+        return torch.as_tensor(np.asarray(values), dtype=like.dtype).to(like.device)
+
+    def _z_noise(self) -> Tensor:
+        like = self._like()
+        return torch.randn(self.num_envs, self.learner.latent_dim, generator=self.generator, dtype=like.dtype).to(
+            like.device
+        )
+
+    def init(self) -> None:
+        """Every environment: no context, z ~ N(0, I) for its first episode, evaluation z 0 (the prior's mean)."""
+        self.context: list[Tensor] = []  # one [envs, context_dim] block per step
+        self.z = self._z_noise()
+        self.eval_z = torch.zeros_like(self.z)
+
+    def _act(self, observations: np.ndarray, z: Tensor) -> np.ndarray:
+        self._last_obs = self._tensor(observations)
+        with torch.no_grad():
+            action = self.learner.act(self._last_obs, z, None)
+        self._last_action = action
+        return action.cpu().numpy().astype(np.float64)
+
+    def adapt_action(self, observations: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The actor's mean action with each environment's current z, `[envs, 4]`."""
+        return self._act(observations, self.z), {}
+
+    def posterior(self) -> tuple[Tensor, Tensor]:
+        """q(z | every transition since `init()`) of each environment: (mean, var) `[envs, latent]`."""
+        if not self.context:
+            raise ValueError("no context yet: q(z | c) needs at least one transition")
+        with torch.no_grad():
+            return self.learner.posterior(torch.stack(self.context, 1))
+
+    def step(self, timestep: Any) -> None:
+        """Add each environment's transition to its context; where an episode ended, draw its next z
+        from the posterior."""
+        data = {"obs": self._last_obs, "action": self._last_action, "reward": self._tensor(timestep.reward)}
+        with torch.no_grad():
+            self.context.append(self.learner.context_vectors(data))
+        ended = torch.as_tensor(np.logical_or(timestep.terminated, timestep.truncated))
+        if ended.any():
+            mean, var = self.posterior()
+            sample = mean + var.sqrt() * self._z_noise()
+            self.z = torch.where(ended[:, None].to(sample.device), sample, self.z)
+
+    def adapt(self) -> None:
+        """Each environment's evaluation z: the posterior mean over all its context so far."""
+        self.eval_z = self.posterior()[0]
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        """The actor's mean action with the evaluation z, `[envs, 4]`."""
+        return self._act(observations, self.eval_z)
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        """Nothing to reset: z stays fixed while evaluating."""
 
 
 class RandomAgent:
