@@ -152,6 +152,158 @@ def test_metaworld_evaluation_scores_a_maml_rl_learner_through_the_adapter():
         assert torch.equal(p, theta[n])  # adapting never touches the learner
 
 
+def _tiny_pearl(horizon: int, **kwargs):
+    from lightning_meta.algorithms import PEARL
+
+    torch.manual_seed(0)
+    family = MetaWorldML1(ENV, horizon=horizon)
+    return PEARL(family, hidden_size=8, layers=1, encoder_hidden_size=8, encoder_layers=1, **kwargs)
+
+
+@needs_metaworld
+def test_metaworld_evaluation_scores_a_pearl_learner_through_the_adapter():
+    """The adapter collects (s, a, r) context while adapting, resamples z from the posterior at
+    each episode's end, and evaluates with the posterior's mean: checked against the learner's own
+    encoder on the transitions the protocol handed it."""
+    from lightning_meta.algorithms.metaworld_eval import PEARLAgent, score, test_envs
+
+    horizon, episodes = 4, 2
+    learner = _tiny_pearl(horizon)
+    weights = {n: t.clone() for n, t in learner.state_dict().items()}
+
+    class Recording(PEARLAgent):
+        def init(self) -> None:
+            super().init()
+            self.seen, self.zs, self.evals = [], [], []
+
+        def step(self, timestep) -> None:
+            self.zs.append(self.z.clone())  # the z this step's action used
+            self.seen.append(timestep)
+            super().step(timestep)
+
+        def eval_action(self, observations):
+            action = super().eval_action(observations)
+            self.evals.append((observations, action))
+            return action
+
+    results = {}
+    for steps in (0, 1, 1):
+        agent = Recording(learner, num_envs=2, seed=0)
+        envs = test_envs(ENV, num_envs=2, horizon=horizon)  # fresh: the same held-out goals each time
+        result = score(agent, envs, num_evals=1, adaptation_steps=steps, adaptation_episodes=episodes)
+        assert 0.0 <= result["success_rate"] <= 1.0 and np.isfinite(result["return"])
+        assert results.setdefault(steps, result) == result  # deterministic for the seeds
+        low, high = envs.single_action_space.low, envs.single_action_space.high
+        actions = [t.action for t in agent.seen] + [a for _, a in agent.evals]
+        assert agent.evals and all(a.shape == (2, 4) and a.dtype == np.float64 for a in actions)
+        assert all((a >= low).all() and (a <= high).all() for a in actions)
+        if steps == 0:
+            assert not agent.seen and torch.equal(agent.eval_z, torch.zeros(2, learner.latent_dim))
+            continue
+        assert len(agent.seen) == horizon * episodes
+        # z: fixed within an episode, redrawn from the posterior for the second (every env)
+        assert all(torch.equal(z, agent.zs[0]) for z in agent.zs[:horizon])
+        assert all(torch.equal(z, agent.zs[horizon]) for z in agent.zs[horizon:])
+        assert (agent.zs[horizon] != agent.zs[0]).all(dim=1).all()
+        # evaluation z: the mean of q(z | every adaptation transition), moved off the prior's mean
+        fields = {"obs": "observation", "action": "action", "reward": "reward"}
+        recorded = {k: np.stack([getattr(t, name) for t in agent.seen], 1) for k, name in fields.items()}
+        context = learner.context_vectors({k: torch.as_tensor(v, dtype=torch.float32) for k, v in recorded.items()})
+        with torch.no_grad():
+            mean, _ = learner.posterior(context)
+        torch.testing.assert_close(agent.eval_z, mean)
+        # the second episode's z: a draw from q(z | the first episode), with the agent's seeded noise
+        g = torch.Generator().manual_seed(0)
+        _, prior_z, eps = (torch.randn(2, learner.latent_dim, generator=g) for _ in range(3))  # built, init(), redraw
+        with torch.no_grad():
+            mean_1, var_1 = learner.posterior(context[:, :horizon])
+        torch.testing.assert_close(agent.zs[0], prior_z)
+        torch.testing.assert_close(agent.zs[horizon], mean_1 + var_1.sqrt() * eps)
+        assert (agent.eval_z.abs() > 1e-4).any(dim=1).all()
+        obs, action = agent.evals[0]
+        with torch.no_grad():
+            expected = learner.act(torch.as_tensor(obs, dtype=torch.float32), mean, None)
+        np.testing.assert_allclose(action, expected.double().numpy(), rtol=1e-6)
+    for n, t in learner.state_dict().items():
+        assert torch.equal(t, weights[n])  # adapting never touches the learner
+
+
+@needs_metaworld
+def test_the_pearl_adapter_refuses_next_observation_context():
+    from lightning_meta.algorithms.metaworld_eval import PEARLAgent
+
+    with pytest.raises(ValueError, match="use_next_obs_in_context=False"):
+        PEARLAgent(_tiny_pearl(4, use_next_obs_in_context=True), num_envs=2)
+
+
+@needs_metaworld
+def test_metaworld_evaluation_scores_an_rl2_learner_with_its_hidden_state_carried_into_evaluation():
+    """One trial per environment: the GRU state after adapting is the GRU run from zero over every
+    adaptation input (never reset at an episode's end), and the first evaluation action comes
+    from that state, with the last action, reward and the done flag as its input."""
+    from lightning_meta.algorithms import RL2
+    from lightning_meta.algorithms.metaworld_eval import RL2Agent, score, test_envs
+
+    torch.manual_seed(0)
+    horizon, episodes = 4, 2
+    learner = RL2(MetaWorldML1(ENV, horizon=horizon), hidden_size=8)
+    weights = {n: t.clone() for n, t in learner.state_dict().items()}
+
+    class Recording(RL2Agent):
+        def init(self) -> None:
+            super().init()
+            self.seen, self.evals, self.adapted = [], [], None
+
+        def step(self, timestep) -> None:
+            self.seen.append(timestep)
+            super().step(timestep)
+
+        def adapt(self) -> None:
+            super().adapt()
+            self.adapted = self.hidden.clone()
+
+        def eval_action(self, observations):
+            before = self.hidden.clone()
+            action = super().eval_action(observations)
+            self.evals.append((observations, before, action))
+            return action
+
+    results = {}
+    for steps in (0, 1, 1):
+        agent = Recording(learner, num_envs=2, seed=0)
+        envs = test_envs(ENV, num_envs=2, horizon=horizon)
+        result = score(agent, envs, num_evals=1, adaptation_steps=steps, adaptation_episodes=episodes)
+        assert 0.0 <= result["success_rate"] <= 1.0 and np.isfinite(result["return"])
+        assert results.setdefault(steps, result) == result  # deterministic for the seeds
+        low, high = envs.single_action_space.low, envs.single_action_space.high
+        actions = [t.action for t in agent.seen] + [a for *_, a in agent.evals]
+        assert agent.evals and all(a.shape == (2, 4) and a.dtype == np.float64 for a in actions)
+        assert all((a >= low).all() and (a <= high).all() for a in actions)
+        if steps == 0:
+            assert not agent.seen and torch.equal(agent.evals[0][1], torch.zeros(1, 2, 8))  # a fresh trial
+            continue
+        assert len(agent.seen) == horizon * episodes
+        # the adaptation inputs, rebuilt from what the protocol handed the agent
+        t32 = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float32)  # noqa: E731
+        inputs, prev = [], (torch.zeros(2, 4), torch.zeros(2), torch.zeros(2))
+        for t in agent.seen:
+            inputs.append(torch.cat([t32(t.observation), prev[0], prev[1][:, None], prev[2][:, None]], 1))
+            prev = (t32(t.action), t32(t.reward), t32(np.logical_or(t.terminated, t.truncated)))
+        assert prev[2].tolist() == [1.0, 1.0] and inputs[horizon][:, -1].tolist() == [1.0, 1.0]  # done flags
+        with torch.no_grad():
+            _, hidden = learner.gru(torch.stack(inputs))
+        torch.testing.assert_close(agent.adapted, hidden)  # carried across both episodes, never reset
+        obs, before, action = agent.evals[0]
+        torch.testing.assert_close(before, hidden)  # ... and into the evaluation
+        x = torch.cat([t32(obs), prev[0], prev[1][:, None], torch.ones(2, 1)], 1)  # the last adaptation reward
+        with torch.no_grad():
+            out, _ = learner.gru(x[None], hidden)
+            mean = learner.heads(out[0])[0].clamp(-1, 1)
+        np.testing.assert_allclose(action, mean.double().numpy(), rtol=1e-6)
+    for n, t in learner.state_dict().items():
+        assert torch.equal(t, weights[n])  # adapting never touches the learner
+
+
 @needs_metaworld
 @pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
 def test_a_one_step_fit_through_the_cli_with_the_config(tmp_path):

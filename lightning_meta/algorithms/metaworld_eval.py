@@ -20,6 +20,28 @@ episodes, the linear baseline and advantage normalisation of training) per envir
 `eval_action` is the adapted policy's mean. `RandomAgent` acts uniformly in [-1, 1] (the
 floor). Pre-adaptation scores run the same protocol with `adaptation_steps=0`.
 
+`PEARLAgent` does the same for a trained `PEARL`, whose adaptation is inference, not a gradient
+step: `init()` empties every environment's context and draws its z from the prior N(0, I);
+`adapt_action` is the actor's mean action for (observation, z) (PEARL's own evaluation: the
+exploration comes from z, resampled each episode); `step` adds each transition (s, a, r) to its
+environment's context and, when an environment's episode ends, draws its z for the next episode
+from q(z | its context so far) (posterior sampling); `adapt()` sets each environment's evaluation
+z to the mean of q(z | every transition since `init()`); `eval_action` is the actor's mean action
+with that z. Without adaptation (`adaptation_steps=0`) the evaluation z is the prior's mean, 0.
+
+`RL2Agent` puts a trained `RL2` (continuous actions) behind it: one trial per environment from
+`init()` (zero GRU state) to the end of the evaluation, the GRU state carried across the
+adaptation episodes and into the evaluation episodes, never reset at an episode's end (the
+RL² trial), with the input (observation, previous action, previous reward, done flag) of
+training. `adapt_action` samples the Gaussian policy (as the learner's own rollouts), `step`
+records the reward and done flag for the next input, `adapt()` does nothing (adapting is the
+hidden state), `eval_action` takes the policy's mean (or a sample, `sample_eval=True`) and
+`reset(env_mask)` sets the done flag. One gap of the protocol: `metaworld.evaluation` hands the
+agent no rewards while evaluating (only `eval_action` and `reset`), so the previous-reward input
+is 0 from the second evaluation step on (the first sees the last adaptation reward), inputs
+training never showed: the RL² number on this protocol can understate what the agent would do
+in its own trial.
+
 Meta-World is imported on first use (the `metaworld` extra).
 """
 
@@ -32,6 +54,8 @@ import torch
 from torch import Tensor
 
 from lightning_meta.algorithms.maml_rl import MAMLRL, Trajectories
+from lightning_meta.algorithms.pearl import PEARL
+from lightning_meta.algorithms.rl2 import RL2
 from lightning_meta.envs.metaworld_ml1 import benchmark, require_metaworld
 from lightning_meta.inner_loop import named_params
 from lightning_meta.task import Params
@@ -151,6 +175,162 @@ class MAMLRLAgent:
 
     def reset(self, env_mask: np.ndarray) -> None:
         """Nothing to reset: the policy is feed-forward."""
+
+
+class PEARLAgent:
+    """A trained `PEARL` as Meta-World's `MetaLearningAgent`; see the module docstring.
+
+    Args:
+        learner: the trained learner (its family a `MetaWorldML1` of the same environment), with
+            (s, a, r) context: Meta-World's `Timestep` carries no next observation.
+        num_envs: the vector env's number of environments.
+        seed: the seed of the z draws (prior and posterior samples) of the adaptation episodes.
+    """
+
+    def __init__(self, learner: PEARL, num_envs: int, seed: int = 0) -> None:
+        if learner.use_next_obs:
+            raise ValueError(
+                "PEARLAgent needs use_next_obs_in_context=False: Meta-World's Timestep has no next observation "
+                "(and same-step autoreset replaces the last one with the next episode's first)"
+            )
+        self.learner, self.num_envs = learner, num_envs
+        self.generator = torch.Generator().manual_seed(seed)
+        self.init()
+
+    def _like(self) -> Tensor:
+        return self.learner.policy.net[0].weight
+
+    def _tensor(self, values: np.ndarray) -> Tensor:
+        like = self._like()
+        return torch.as_tensor(np.asarray(values), dtype=like.dtype).to(like.device)
+
+    def _z_noise(self) -> Tensor:
+        like = self._like()
+        return torch.randn(self.num_envs, self.learner.latent_dim, generator=self.generator, dtype=like.dtype).to(
+            like.device
+        )
+
+    def init(self) -> None:
+        """Every environment: no context, z ~ N(0, I) for its first episode, evaluation z 0 (the prior's mean)."""
+        self.context: list[Tensor] = []  # one [envs, context_dim] block per step
+        self.z = self._z_noise()
+        self.eval_z = torch.zeros_like(self.z)
+
+    def _act(self, observations: np.ndarray, z: Tensor) -> np.ndarray:
+        self._last_obs = self._tensor(observations)
+        with torch.no_grad():
+            action = self.learner.act(self._last_obs, z, None)
+        self._last_action = action
+        return action.cpu().numpy().astype(np.float64)
+
+    def adapt_action(self, observations: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The actor's mean action with each environment's current z, `[envs, 4]`."""
+        return self._act(observations, self.z), {}
+
+    def posterior(self) -> tuple[Tensor, Tensor]:
+        """q(z | every transition since `init()`) of each environment: (mean, var) `[envs, latent]`."""
+        if not self.context:
+            raise ValueError("no context yet: q(z | c) needs at least one transition")
+        with torch.no_grad():
+            return self.learner.posterior(torch.stack(self.context, 1))
+
+    def step(self, timestep: Any) -> None:
+        """Add each environment's transition to its context; where an episode ended, draw its next z
+        from the posterior."""
+        data = {"obs": self._last_obs, "action": self._last_action, "reward": self._tensor(timestep.reward)}
+        with torch.no_grad():
+            self.context.append(self.learner.context_vectors(data))
+        ended = torch.as_tensor(np.logical_or(timestep.terminated, timestep.truncated))
+        if ended.any():
+            mean, var = self.posterior()
+            sample = mean + var.sqrt() * self._z_noise()
+            self.z = torch.where(ended[:, None].to(sample.device), sample, self.z)
+
+    def adapt(self) -> None:
+        """Each environment's evaluation z: the posterior mean over all its context so far."""
+        self.eval_z = self.posterior()[0]
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        """The actor's mean action with the evaluation z, `[envs, 4]`."""
+        return self._act(observations, self.eval_z)
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        """Nothing to reset: z stays fixed while evaluating."""
+
+
+class RL2Agent:
+    """A trained `RL2` (continuous actions) as Meta-World's `MetaLearningAgent`; see the module docstring.
+
+    Args:
+        learner: the trained learner (its family a `MetaWorldML1` of the same environment).
+        num_envs: the vector env's number of environments.
+        seed: the seed of the sampled actions.
+        sample_eval: evaluation actions sampled from the policy instead of its mean.
+    """
+
+    def __init__(self, learner: RL2, num_envs: int, seed: int = 0, sample_eval: bool = False) -> None:
+        if learner.discrete:
+            raise ValueError("RL2Agent drives Meta-World's continuous actions: the learner's policy is categorical")
+        self.learner, self.num_envs, self.sample_eval = learner, num_envs, sample_eval
+        self.generator = torch.Generator().manual_seed(seed)
+        self.init()
+
+    def _like(self) -> Tensor:
+        return self.learner.policy.weight
+
+    def _zeros(self, *shape: int) -> Tensor:
+        like = self._like()
+        return torch.zeros(*shape, dtype=like.dtype, device=like.device)
+
+    def init(self) -> None:
+        """A new trial in every environment: zero GRU state, no previous action, reward or done."""
+        self.hidden = self._zeros(1, self.num_envs, self.learner.gru.hidden_size)
+        self.prev_action = self._zeros(self.num_envs, self.learner.family.num_actions)
+        self.prev_reward, self.prev_done = self._zeros(self.num_envs), self._zeros(self.num_envs)
+
+    def _act(self, observations: np.ndarray, sample: bool) -> np.ndarray:
+        like = self._like()
+        obs = torch.as_tensor(np.asarray(observations), dtype=like.dtype).to(like.device)
+        x = torch.cat([obs, self.prev_action, self.prev_reward[:, None], self.prev_done[:, None]], 1)
+        with torch.no_grad():
+            out, self.hidden = self.learner.gru(x[None], self.hidden)
+            mean, _ = self.learner.heads(out[0])
+            action = mean
+            if sample:
+                normals = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype).to(mean.device)
+                action = mean + self.learner.log_std.exp() * normals
+        clip = self.learner.action_clip
+        env_action = action if clip is None else action.clamp(-clip, clip)
+        # The next input's previous action; reward and done until `step` or `reset` says otherwise.
+        self.prev_action, self.prev_reward, self.prev_done = (
+            env_action,
+            torch.zeros_like(self.prev_reward),
+            torch.zeros_like(self.prev_done),
+        )
+        return env_action.cpu().numpy().astype(np.float64)
+
+    def adapt_action(self, observations: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Actions sampled from the policy (as in training), `[envs, 4]`; the GRU state moves on."""
+        return self._act(observations, sample=True), {}
+
+    def step(self, timestep: Any) -> None:
+        """The transition's reward and done flag, for the next input."""
+        like = self._like()
+        self.prev_reward = torch.as_tensor(np.asarray(timestep.reward), dtype=like.dtype).to(like.device)
+        done = np.logical_or(timestep.terminated, timestep.truncated)
+        self.prev_done = torch.as_tensor(done, dtype=like.dtype).to(like.device)
+
+    def adapt(self) -> None:
+        """Nothing: RL² adapts in its hidden state, which carries on into the evaluation."""
+
+    def eval_action(self, observations: np.ndarray) -> np.ndarray:
+        """The policy's mean action (a sample with `sample_eval`), `[envs, 4]`; the GRU state moves on."""
+        return self._act(observations, sample=self.sample_eval)
+
+    def reset(self, env_mask: np.ndarray) -> None:
+        """The done flag of the environments whose episode ended (the GRU state is kept: one trial)."""
+        mask = torch.as_tensor(np.asarray(env_mask), dtype=torch.bool).to(self.prev_done.device)
+        self.prev_done = torch.where(mask, torch.ones_like(self.prev_done), self.prev_done)
 
 
 class RandomAgent:
