@@ -46,7 +46,16 @@ from lightning_meta.losses.candidates import CANDIDATES, candidate_fn, known_can
 from lightning_meta.losses.inner import InnerLoss, Predict, task_kind
 from lightning_meta.task import Params, Task
 
-__all__ = ["BanditLoss", "MixtureLoss", "PolicyLoss", "candidate_name", "combine", "task_features"]
+__all__ = [
+    "BanditLoss",
+    "MixtureLoss",
+    "PolicyLoss",
+    "candidate_name",
+    "combine",
+    "consistency_features",
+    "probe_features",
+    "task_features",
+]
 
 
 def candidate_name(loss: str, lr_scale: float | None) -> str:
@@ -78,6 +87,71 @@ def task_features(params: Params, task: Task, predict: Predict, candidates: list
     per_example = per_example_task_loss(predictions.detach(), task.support_y)
     spread = torch.stack([per_example.mean(), per_example.median(), per_example.max()])
     return torch.log1p(torch.cat([torch.stack(values), torch.stack(norms), spread]).clamp_min(0))
+
+
+def consistency_features(embeddings: Tensor, labels: Tensor) -> Tensor:
+    """`[3]` label-consistency features of a classification support set in an embedding space
+    (`[N, D]`, e.g. the θ0 logits), all in [0, 1], detached.
+
+    In an N-way task the labels are a random permutation of the classes, so at θ0 no loss value
+    can say whether they are right; whether examples that *look* alike carry the same label can.
+    - `loo_agreement`: the share of support examples whose nearest class mean (squared Euclidean,
+      the example left out of its own class's mean) is their given label's;
+    - `loo_soft`: the mean over examples of softmax(−d²/s)[given label] over those leave-one-out
+      class means, s the mean squared distance between examples (a smooth `loo_agreement`);
+    - `spread_ratio`: the within-class share of the total spread (Σ‖z − μ_label‖² / Σ‖z − μ‖²).
+    A class whose only example is left out has no mean for it (infinitely far).
+    """
+    z = embeddings.detach().flatten(1).to(torch.float64)
+    y = labels.detach().long()
+    n, classes = len(y), int(y.max()) + 1
+    one_hot = nn.functional.one_hot(y, classes).to(z.dtype)  # [N, C]
+    sums, counts = one_hot.T @ z, one_hot.sum(0)  # [C, D], [C]
+    # Leave-one-out class sums and counts for every (example, class): only the own class changes.
+    loo_sums = sums.unsqueeze(0) - one_hot.unsqueeze(-1) * z.unsqueeze(1)  # [N, C, D]
+    loo_counts = counts.unsqueeze(0) - one_hot  # [N, C]
+    means = loo_sums / loo_counts.clamp_min(1).unsqueeze(-1)
+    d2 = (z.unsqueeze(1) - means).pow(2).sum(-1).masked_fill(loo_counts == 0, float("inf"))  # [N, C]
+    agreement = (d2.argmin(-1) == y).to(z.dtype).mean()
+    scale = torch.cdist(z, z).pow(2).sum() / max(n * (n - 1), 1)
+    soft = torch.softmax(-d2 / scale.clamp_min(1e-12), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
+    within = (z - (sums / counts.clamp_min(1).unsqueeze(-1))[y]).pow(2).sum()
+    total = (z - z.mean(0)).pow(2).sum()
+    ratio = within / total.clamp_min(1e-12)
+    return torch.stack([agreement, soft, ratio.clamp(0, 1)]).to(embeddings.dtype)
+
+
+def probe_features(params: Params, task: Task, predict: Predict, lr: float) -> Tensor:
+    """`[4]` detached features of the support set after one probe step of the task's own loss.
+
+    The step is SGD at `lr` on every adapted tensor of `params` (θ0), linearised: the predictions
+    move by −lr·J·Jᵀ·∂L/∂f (J the Jacobian of the support predictions in the parameters), computed
+    with two backward passes through `predict` (it runs the network at `params` only). Clean tasks
+    fit easily; an example whose label (or target) disagrees with its look-alikes stays badly fit.
+    Features: log1p of the mean, median and max per-example task loss after the step, and the share
+    of badly fit examples (classification: misclassified; regression: squared residual above 9×
+    the median one). Without adapted tensors the step is zero.
+    """
+    predictions = predict(task.support_x)
+    tensors = [p for p in params.values() if p.requires_grad]
+    moved = predictions.detach()
+    if tensors and predictions.requires_grad:
+        loss = per_example_task_loss(predictions, task.support_y).mean()
+        (df,) = torch.autograd.grad(loss, predictions, retain_graph=True)
+        grads = torch.autograd.grad(predictions, tensors, grad_outputs=df, retain_graph=True, allow_unused=True)
+        u = torch.zeros_like(predictions, requires_grad=True)
+        vjp = torch.autograd.grad(predictions, tensors, grad_outputs=u, create_graph=True, allow_unused=True)
+        dot = sum((a * g.detach()).sum() for a, g in zip(vjp, grads, strict=True) if a is not None and g is not None)
+        if isinstance(dot, Tensor) and dot.requires_grad:
+            (jvp,) = torch.autograd.grad(dot, u)
+            moved = moved - lr * jvp.detach()
+    per_example = per_example_task_loss(moved, task.support_y)
+    if torch.is_floating_point(task.support_y):
+        bad = per_example > 9 * per_example.median()
+    else:
+        bad = moved.argmax(-1) != task.support_y
+    spread = torch.log1p(torch.stack([per_example.mean(), per_example.median(), per_example.max()]).clamp_min(0))
+    return torch.cat([spread, bad.to(spread.dtype).mean().unsqueeze(0)])
 
 
 def combine(
@@ -174,18 +248,44 @@ class _Selector(InnerLoss):
 
 
 class _FeatureSelector(_Selector):
-    def __init__(self, candidates: list[str] | None, kind: str, hidden: int, lr_scales: list[float] | None) -> None:
+    def __init__(
+        self,
+        candidates: list[str] | None,
+        kind: str,
+        hidden: int,
+        lr_scales: list[float] | None,
+        label_consistency: bool = False,
+        probe_lr: float | None = None,
+    ) -> None:
         super().__init__(candidates, kind, lr_scales)
+        if label_consistency and kind != "classification":
+            raise ValueError(
+                "label_consistency=True reads class labels (leave-one-out class means): it is for "
+                f"classification selectors, not {kind} (use probe_lr for a feature of both kinds)"
+            )
+        if probe_lr is not None and not (math.isfinite(probe_lr) and probe_lr > 0):
+            raise ValueError(f"probe_lr={probe_lr} must be a positive step size (or None: no probe features)")
+        self.label_consistency, self.probe_lr = label_consistency, probe_lr
         # Features per distinct loss (a scaled copy of a loss says nothing new), one output per candidate.
-        width = 2 * len(self.losses) + 3
+        width = 2 * len(self.losses) + 3 + (3 if label_consistency else 0) + (4 if probe_lr is not None else 0)
         self.selector = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, len(self.candidates)))
         # Start uniform: every candidate equally likely until the meta-gradient says otherwise.
         nn.init.zeros_(self.selector[-1].weight)
         nn.init.zeros_(self.selector[-1].bias)
 
+    def features(self, params: Params, task: Task, predict: Predict) -> Tensor:
+        """The selector's input: `task_features`, then (if asked) `consistency_features` of the θ0
+        support logits and `probe_features` at `probe_lr`."""
+        parts = [task_features(params, task, predict, self.losses, self.kind)]
+        if self.label_consistency:
+            with torch.no_grad():
+                parts.append(consistency_features(predict(task.support_x), task.support_y))
+        if self.probe_lr is not None:
+            parts.append(probe_features(params, task, predict, self.probe_lr))
+        return torch.cat([p.to(parts[0].dtype) for p in parts])
+
     def logits(self, params: Params, task: Task, predict: Predict) -> Tensor:
-        features = task_features(params, task, predict, self.losses, self.kind)
-        return self.selector(features.to(self.selector[0].weight.dtype))
+        return self.selector(self.features(params, task, predict).to(self.selector[0].weight.dtype))
 
 
 class MixtureLoss(_FeatureSelector):
@@ -199,6 +299,10 @@ class MixtureLoss(_FeatureSelector):
             "mixture".
         lr_scales: the step-size axis (module docstring): multipliers of the inner step; the
             candidates become every (loss, scale). None: the losses alone.
+        label_consistency: also feed `consistency_features` of the θ0 support logits (label
+            consistency: can tell flipped labels, which no loss value at θ0 can); classification only.
+        probe_lr: also feed `probe_features`, the support fit after one linearised SGD step of the
+            task loss at this step size (e.g. the inner learning rate); None: not computed.
     """
 
     def __init__(
@@ -208,8 +312,10 @@ class MixtureLoss(_FeatureSelector):
         hidden: int = 32,
         eval_choice: str = "argmax",
         lr_scales: list[float] | None = None,
+        label_consistency: bool = False,
+        probe_lr: float | None = None,
     ) -> None:
-        super().__init__(candidates, kind, hidden, lr_scales)
+        super().__init__(candidates, kind, hidden, lr_scales, label_consistency, probe_lr)
         if eval_choice not in ("argmax", "mixture"):
             raise ValueError(f"eval_choice={eval_choice!r} must be 'argmax' or 'mixture'")
         self.eval_choice = eval_choice
@@ -248,6 +354,10 @@ class PolicyLoss(_FeatureSelector):
         entropy_coef: weight of the entropy bonus.
         lr_scales: the step-size axis (module docstring): multipliers of the inner step; the
             candidates become every (loss, scale). None: the losses alone.
+        label_consistency: also feed `consistency_features` of the θ0 support logits (label
+            consistency: can tell flipped labels, which no loss value at θ0 can); classification only.
+        probe_lr: also feed `probe_features`, the support fit after one linearised SGD step of the
+            task loss at this step size (e.g. the inner learning rate); None: not computed.
     """
 
     def __init__(
@@ -258,8 +368,10 @@ class PolicyLoss(_FeatureSelector):
         baseline_momentum: float = 0.9,
         entropy_coef: float = 0.0,
         lr_scales: list[float] | None = None,
+        label_consistency: bool = False,
+        probe_lr: float | None = None,
     ) -> None:
-        super().__init__(candidates, kind, hidden, lr_scales)
+        super().__init__(candidates, kind, hidden, lr_scales, label_consistency, probe_lr)
         if not 0 <= baseline_momentum < 1:
             raise ValueError(f"baseline_momentum={baseline_momentum} must be in [0, 1)")
         self.baseline_momentum, self.entropy_coef = baseline_momentum, entropy_coef
