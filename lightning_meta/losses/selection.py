@@ -223,6 +223,7 @@ class _Selector(InnerLoss):
         self.candidates = [candidate_name(loss, scale) for loss, scale in self.pairs]
         """Each candidate's name (the loss itself without `lr_scales`): the keys of `*/choice/<name>`."""
         self._choices: list[int] = []
+        self._probabilities: list[Tensor] = []
 
     def candidate_loss(self, index: int, params: Params, task: Task, predict: Predict) -> Tensor:
         """Candidate `index`'s support loss at `params`: its loss, times its step multiplier if any."""
@@ -241,6 +242,15 @@ class _Selector(InnerLoss):
             return None
         choices, self._choices = torch.tensor(self._choices), []
         return choices
+
+    def pop_probabilities(self) -> Tensor | None:
+        """`[tasks, candidates]`: each task's softmax over the candidates since the last call (the
+        mixture's weights before any argmax, the policy's π), or None (the bandit has none). How
+        far from uniform, and how different between task types, the selector's preferences are."""
+        if not self._probabilities:
+            return None
+        probabilities, self._probabilities = torch.stack(self._probabilities), []
+        return probabilities
 
     def after_task(self, query_loss: Tensor, training: bool) -> Tensor | None:
         """Called by the learner with the task's query loss after adaptation; a term to add to it."""
@@ -324,6 +334,9 @@ class MixtureLoss(_FeatureSelector):
     def weights(self, params: Params, task: Task, predict: Predict) -> Tensor:
         """The candidates' weights for this task (sum to 1)."""
         w = torch.softmax(self.logits(params, task, predict), dim=-1)
+        self._probabilities.append(w.detach())
+        if len(self._probabilities) > 10_000:  # nobody pops them (training): keep the newest only
+            del self._probabilities[:-1000]
         if not self.training and self.eval_choice == "argmax":
             w = nn.functional.one_hot(w.argmax(), len(self.candidates)).to(w.dtype)
         return w
@@ -386,6 +399,9 @@ class PolicyLoss(_FeatureSelector):
         if step == 0 or self._choice is None:
             logits = self.logits(params, task, predict)
             dist = torch.distributions.Categorical(logits=logits)
+            self._probabilities.append(dist.probs.detach())
+            if len(self._probabilities) > 10_000:  # nobody pops them (training): keep the newest only
+                del self._probabilities[:-1000]
             choice = dist.sample() if self.training else logits.argmax()
             self._choice, self._log_prob, self._entropy = int(choice), dist.log_prob(choice), dist.entropy()
             self._choices.append(self._choice)
