@@ -125,3 +125,19 @@ def test_selectors_take_the_new_features_and_train_through_them():
 def test_bad_feature_settings_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MixtureLoss(**kwargs)
+
+
+def test_selectors_hand_out_their_softmax_per_task_once():
+    torch.manual_seed(0)
+    selector = MixtureLoss(["cross_entropy", "focal"], kind="classification", label_consistency=True)
+    with torch.no_grad():
+        selector.selector[-1].bias.copy_(torch.tensor([0.0, 1.0]))
+    model = MAML(MLP(in_features=DIM, hidden_sizes=[8], out_features=WAYS), inner_lr=0.1, inner_steps=2,
+                 inner_loss=selector)  # fmt: skip
+    model.eval()
+    for i in range(3):
+        model.adapt(blob_task(i), 2)  # one softmax per task, not per inner step
+    probabilities = selector.pop_probabilities()
+    assert probabilities.shape == (3, 2) and selector.pop_probabilities() is None
+    # Before the argmax: the softmax of the logits, not the one-hot test choice.
+    torch.testing.assert_close(probabilities, torch.softmax(torch.tensor([0.0, 1.0]), 0).expand(3, 2))
