@@ -141,3 +141,31 @@ def test_selectors_hand_out_their_softmax_per_task_once():
     assert probabilities.shape == (3, 2) and selector.pop_probabilities() is None
     # Before the argmax: the softmax of the logits, not the one-hot test choice.
     torch.testing.assert_close(probabilities, torch.softmax(torch.tensor([0.0, 1.0]), 0).expand(3, 2))
+
+
+def test_the_features_baseline_removes_a_reward_gap_that_the_features_explain():
+    """Rewards that depend on the task (e.g. its type) but not on the choice: the running mean
+    leaves the gap in the advantage, the features baseline learns it away."""
+    g = torch.Generator().manual_seed(0)
+    advantages = {}
+    for kind in ("mean", "features"):
+        policy = PolicyLoss(["mse", "cauchy"], baseline=kind, baseline_momentum=0.99)
+        last = []
+        for i in range(300):
+            x = torch.rand(7, generator=g, dtype=torch.float64)
+            corrupted = float(i % 2)
+            x[0] = corrupted  # a feature that tells the type
+            log_prob = torch.tensor(-0.7, requires_grad=True)
+            policy._log_prob, policy._entropy, policy._features = log_prob, torch.tensor(0.7), x
+            reward = -(1.0 + 2.0 * corrupted) + 0.01 * torch.randn((), generator=g, dtype=torch.float64)
+            surrogate = policy.after_task(-reward.float(), training=True)
+            (grad,) = torch.autograd.grad(surrogate, log_prob)
+            last.append(float(-grad))  # the surrogate's gradient in log π is −advantage
+        advantages[kind] = torch.tensor(last[-100:]).abs().mean()
+    assert advantages["mean"] > 0.5  # ~1: the gap between the types
+    assert advantages["features"] < 0.05, advantages
+
+
+def test_bad_baseline_is_refused():
+    with pytest.raises(ValueError, match="baseline='value' must be 'mean' or 'features'"):
+        PolicyLoss(["mse", "l1"], baseline="value")

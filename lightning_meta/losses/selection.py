@@ -371,6 +371,11 @@ class PolicyLoss(_FeatureSelector):
             consistency: can tell flipped labels, which no loss value at θ0 can); classification only.
         probe_lr: also feed `probe_features`, the support fit after one linearised SGD step of the
             task loss at this step size (e.g. the inner learning rate); None: not computed.
+        baseline: "mean" (the running mean of the rewards) or "features": a ridge regression of the
+            reward on the task's features and a constant, fitted to the earlier tasks (exponentially
+            weighted by `baseline_momentum`, so set it near 0.99 there): a state-dependent baseline
+            that takes the reward gap between task types out of the advantage.
+        baseline_ridge: the ridge penalty of the "features" baseline.
     """
 
     def __init__(
@@ -383,21 +388,36 @@ class PolicyLoss(_FeatureSelector):
         lr_scales: list[float] | None = None,
         label_consistency: bool = False,
         probe_lr: float | None = None,
+        baseline: str = "mean",
+        baseline_ridge: float = 1e-2,
     ) -> None:
         super().__init__(candidates, kind, hidden, lr_scales, label_consistency, probe_lr)
         if not 0 <= baseline_momentum < 1:
             raise ValueError(f"baseline_momentum={baseline_momentum} must be in [0, 1)")
+        if baseline not in ("mean", "features"):
+            raise ValueError(f"baseline={baseline!r} must be 'mean' or 'features'")
+        if not baseline_ridge > 0:
+            raise ValueError(f"baseline_ridge={baseline_ridge} must be > 0")
         self.baseline_momentum, self.entropy_coef = baseline_momentum, entropy_coef
+        self.baseline_kind, self.baseline_ridge = baseline, baseline_ridge
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_ready", torch.zeros((), dtype=torch.bool))
+        if baseline == "features":
+            # Exponentially weighted ridge-regression statistics of the reward on [features, 1].
+            width = self.selector[0].in_features + 1
+            self.register_buffer("baseline_gram", torch.zeros(width, width, dtype=torch.float64))
+            self.register_buffer("baseline_moment", torch.zeros(width, dtype=torch.float64))
         self._choice: int | None = None
         self._log_prob: Tensor | None = None
         self._entropy: Tensor | None = None
+        self._features: Tensor | None = None
 
     def forward(self, params: Params, task: Task, predict: Predict, step: int) -> Tensor:
         self._check_kind(task)
         if step == 0 or self._choice is None:
-            logits = self.logits(params, task, predict)
+            features = self.features(params, task, predict)
+            self._features = features.detach()
+            logits = self.selector(features.to(self.selector[0].weight.dtype))
             dist = torch.distributions.Categorical(logits=logits)
             self._probabilities.append(dist.probs.detach())
             if len(self._probabilities) > 10_000:  # nobody pops them (training): keep the newest only
@@ -408,8 +428,8 @@ class PolicyLoss(_FeatureSelector):
         return self.candidate_loss(self._choice, params, task, predict)
 
     def after_task(self, query_loss: Tensor, training: bool) -> Tensor | None:
-        log_prob, entropy = self._log_prob, self._entropy
-        self._choice = self._log_prob = self._entropy = None
+        log_prob, entropy, features = self._log_prob, self._entropy, self._features
+        self._choice = self._log_prob = self._entropy = self._features = None
         if not training or log_prob is None:
             return None
         reward = -query_loss.detach().to(self.baseline.dtype)
@@ -417,6 +437,19 @@ class PolicyLoss(_FeatureSelector):
             self.baseline.copy_(reward)
             self.baseline_ready.fill_(True)
         advantage = reward - self.baseline
+        if self.baseline_kind == "features" and features is not None:
+            # b(x) = wᵀ[x, 1] fitted to the earlier tasks' rewards, so reward gaps between task types
+            # (flipped labels: a higher query loss whatever the choice) leave the advantage; b does not
+            # depend on this task's choice, so the estimator stays unbiased. Until it has seen as many
+            # (weighted) tasks as it has coefficients, the running mean stands in.
+            x = torch.cat([features.to(torch.float64).flatten(), torch.ones(1, dtype=torch.float64)])
+            if float(self.baseline_gram[-1, -1]) >= len(x):
+                ridge = self.baseline_ridge * torch.eye(len(x), dtype=torch.float64)
+                w = torch.linalg.solve(self.baseline_gram + ridge, self.baseline_moment)
+                advantage = reward - (w @ x).to(reward.dtype)
+            m = self.baseline_momentum
+            self.baseline_gram.mul_(m).add_(torch.outer(x, x))
+            self.baseline_moment.mul_(m).add_(float(reward) * x)
         self.baseline.mul_(self.baseline_momentum).add_((1 - self.baseline_momentum) * reward)
         surrogate = -advantage * (log_prob - log_prob.detach())
         if self.entropy_coef:
