@@ -17,13 +17,14 @@ max of the per-example losses), each through log1p. A corrupted support set show
 per-example loss whose max is far above its median and as candidates that disagree.
 
 In an N-way task the labels are a random permutation of the classes, so at θ0 no loss value can
-tell flipped labels (measured on Omniglot with 40% flips: AUC 0.54-0.61 for the losses; the
-gradient norms do, AUC 0.95-0.97 after meta-training, since flipped examples' gradients cancel,
-but only 0.7 at a random θ0). Two optional feature groups read label noise directly:
-`label_consistency` (`consistency_features`: do look-alike support examples, in the θ0 logit
-space, carry the same label; AUC 0.94) and `probe_lr` (`probe_features`: how well the support set
-fits after one linearised SGD step of the task loss; AUC 0.98-0.998, and defined for regression
-too). Both are off by default, so the default selectors' numbers are unchanged
+tell flipped labels (measured on Omniglot with 40% flips, 300 test tasks: AUC 0.54-0.61 for the
+losses; the gradient norms do, AUC 0.95-0.97 after meta-training, since flipped examples'
+gradients cancel, but only 0.69-0.73 at a random θ0). Two optional feature groups read label
+noise directly: `label_consistency` (`consistency_features`: do look-alike support examples, in
+the θ0 logit space, carry the same label; AUC 0.94 meta-trained, 0.86-0.89 at a random θ0) and
+`probe_lr` (`probe_features`: how well the support set fits after one linearised SGD step of the
+task loss; AUC 0.98-0.998 meta-trained, 0.69-0.82 at random, and defined for regression too).
+Both are off by default, so the default selectors' numbers are unchanged
 (`benchmarks/loss_selection_features.py`, `benchmarks/results/loss_selection_features_auc.md`).
 
 **The second candidate axis: step sizes.** Every selector also takes `lr_scales`, multipliers of
