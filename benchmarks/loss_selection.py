@@ -87,8 +87,10 @@ SELECTORS = {
 class Mode:
     """What one benchmark mode runs: its config, its fixed candidates and how a method is set."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, selector_args: list[str] = ()) -> None:
         self.name = name
+        # `key=value` init args of the per-task selectors (mixture, policy), e.g. `probe_lr=0.1`.
+        self.selector_args = [f"--model.init_args.inner_loss.init_args.{a}" for a in selector_args]
         if name == "loss":
             self.config, self.candidates = CONFIG, CANDIDATES
         elif name in ("lr", "product"):
@@ -129,17 +131,20 @@ class Mode:
             ]
         if method not in SELECTORS:
             raise ValueError(f"method {method!r}: choose among {self.candidates}, {list(SELECTORS)}, ML3 or MeTAL")
+        extra = self.selector_args if method != "bandit" else []
         if self.name in ("lr", "product"):
             return [
                 f"--model.init_args.inner_loss={SELECTORS[method]}",
                 f"--model.init_args.inner_loss.init_args.candidates=[{','.join(self.losses)}]",
                 f"--model.init_args.inner_loss.init_args.lr_scales=[{','.join(map(str, LR_SCALES))}]",
+                *extra,
             ]
         kind = ["--model.init_args.inner_loss.init_args.kind=classification"] if self.classification else []
         return [
             f"--model.init_args.inner_loss={SELECTORS[method]}",
             f"--model.init_args.inner_loss.init_args.candidates=[{','.join(self.candidates)}]",
             *kind,
+            *extra,
         ]
 
     def build(self, method: str, steps: int, seed: int, overrides: list[str] = ()):
@@ -171,6 +176,9 @@ def query_scores(model, tasks: list, steps: int) -> tuple[torch.Tensor, torch.Te
     model.eval()
     metric, losses, choices = [], [], []
     pop = getattr(model.inner_loss, "pop_choices", None)
+    pop_probabilities = getattr(model.inner_loss, "pop_probabilities", None)
+    if pop_probabilities is not None:
+        pop_probabilities()  # the training tasks'
     for task in tasks:
         adapted = model.adapt(task, steps)[-1]
         with torch.no_grad():
@@ -223,6 +231,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", action="append", default=[], help="a CLI override for every method, e.g. "
                         "--override=--data.init_args.sparse_fraction=0.5 (repeat for more)")  # fmt: skip
+    parser.add_argument("--selector-arg", action="append", default=[], help="an init arg of the mixture and "
+                        "policy selectors, key=value, e.g. --selector-arg=probe_lr=0.1 (repeat for more)")  # fmt: skip
     parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -230,7 +240,7 @@ def main() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    mode = Mode(args.mode)
+    mode = Mode(args.mode, args.selector_arg)
     if args.methods is None:
         learned = {"loss": ["ML3"], "omniglot": ["ML3", "MeTAL"]}.get(args.mode, [])
         args.methods = [*mode.candidates, *SELECTORS, *learned]
@@ -246,6 +256,10 @@ def main() -> None:
         names = getattr(model.inner_loss, "candidates", None) if method in SELECTORS else None
         results[method] = {"losses": losses.tolist(), "choices": choices, "names": names, "seconds": seconds,
                            "cpu_seconds": cpu_seconds, "query_loss": query_loss.tolist()}  # fmt: skip
+        pop_probabilities = getattr(model.inner_loss, "pop_probabilities", None)
+        probabilities = pop_probabilities() if pop_probabilities is not None else None
+        if probabilities is not None:  # the test tasks' softmax over the candidates
+            results[method]["probabilities"] = probabilities.tolist()
         print(f"{method}: {cell(losses, mode.classification)} ({seconds / 60:.1f} min)", flush=True)
         # Written after every method, so a run cut short keeps what it measured.
         report(args, mode, dict(results), kinds, type_names, show=method == args.methods[-1])
@@ -266,6 +280,8 @@ def report(
         results["oracle"] = {"losses": best.tolist(), "choices": choice.tolist(), "names": fixed}
 
     overrides = f" Overrides: {' '.join(args.override)}." if args.override else ""
+    if args.selector_arg:
+        overrides += f" Selector (mixture, policy) init args: {', '.join(args.selector_arg)}."
     lines = [caption(args, kinds, type_names) + overrides, ""]
     columns = [*(f"{t} tasks" for t in type_names), "all"] if len(type_names) > 1 else ["all tasks"]
     axis = {"lr": "learning rate", "product": "loss @ lr scale"}.get(args.mode, "loss")
@@ -293,6 +309,18 @@ def report(
         lines.append(f"| {method} | {' | '.join(cells)} | {shares} | {minutes} |")
     cpu = [f"{m} {results[m]['cpu_seconds'] / 60:.1f}" for m in results if "cpu_seconds" in results[m]]
     lines += ["", "Process CPU minutes of training (one thread): " + ", ".join(cpu) + "."]
+    soft = [m for m in results if "probabilities" in results[m]]
+    if soft and len(type_names) > 1:
+        lines += ["", "The selectors' mean softmax over the candidates on the test tasks, per task type (before any "
+                  "argmax; uniform is " + f"{1 / len(results[soft[0]]['names']):.2f}):", ""]  # fmt: skip
+        for method in soft:
+            p = torch.tensor(results[method]["probabilities"])
+            parts = []
+            for t, name in enumerate(type_names):
+                mean = p[kinds == t].mean(0)
+                parts.append(f"{name}: " + ", ".join(f"{c} {float(v):.3f}" for c, v in
+                                                     zip(results[method]["names"], mean, strict=True)))  # fmt: skip
+            lines.append(f"- {method}: " + "; ".join(parts))
     table = "\n".join(lines)
     if show:
         print(table, flush=True)

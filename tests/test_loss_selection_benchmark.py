@@ -62,3 +62,15 @@ def test_the_omniglot_mode_sets_classification_selectors_and_metal(bench) -> Non
     assert "--model.init_args.inner_loss.init_args.outputs=5" in mode.inner_loss_args("ML3")
     assert "--model.init_args.inner_loss=lightning_meta.losses.MeTALLoss" in mode.inner_loss_args("MeTAL")
     assert all("kind=" not in a for a in bench.Mode("loss").inner_loss_args("mixture"))
+
+
+def test_selector_args_reach_the_mixture_and_the_policy_but_not_the_bandit(bench) -> None:
+    mode = bench.Mode("omniglot", ["probe_lr=0.1", "label_consistency=true"])
+    for method in ("mixture", "policy"):
+        args = mode.inner_loss_args(method)
+        # After the class path, so jsonargparse applies them to the selector.
+        assert args.index("--model.init_args.inner_loss.init_args.probe_lr=0.1") > args.index(
+            f"--model.init_args.inner_loss={bench.SELECTORS[method]}"
+        )
+    assert all("probe_lr" not in a for a in mode.inner_loss_args("bandit"))
+    assert all("probe_lr" not in a for a in mode.inner_loss_args("cross_entropy"))
