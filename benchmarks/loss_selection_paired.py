@@ -10,7 +10,8 @@ with which it is smaller on corrupted than on clean tasks.
 
     PYTHONPATH=. python benchmarks/loss_selection_paired.py \\
         benchmarks/results/loss_selection_omniglot_lr.json:mixture \\
-        --reference benchmarks/results/loss_selection_omniglot.json:cross_entropy
+        --reference benchmarks/results/loss_selection_omniglot.json:cross_entropy \\
+        --oracle benchmarks/results/loss_selection_omniglot.json:cross_entropy ...   # per-task best of these
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import torch
-from loss_selection import Mode, test_tasks
+from loss_selection import Mode, cell, oracle, test_tasks
 
 from lightning_meta.algorithms import mean_and_ci95
 
@@ -52,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="file.json:method, the runs to compare")
     parser.add_argument("--reference", action="append", required=True, help="file.json:method (repeatable)")
+    parser.add_argument("--oracle", nargs="*", default=[], help="file.json:method: also the per-task best of these")
     parser.add_argument("--test-tasks", type=int, default=600)
     args = parser.parse_args()
     _, data = Mode("omniglot").build("cross_entropy", 10, 0)
@@ -60,6 +62,14 @@ def main() -> None:
     print("\n| accuracy points, mean ± 95% CI | " + " | ".join(f"{n} tasks" for n in names) + " | all |")
     print("|---|" + "---:|" * (len(names) + 1))
     runs, references = [load(s) for s in args.runs], [load(s) for s in args.reference]
+    if args.oracle:
+        fixed = [load(s)[1] for s in args.oracle]
+        best, _ = oracle(
+            torch.tensor([f["losses"] for f in fixed]), torch.tensor([f["query_loss"] for f in fixed]), True
+        )
+        runs.append((f"oracle of the {len(fixed)} --oracle runs", {"losses": best.tolist()}))
+        cells = [cell(best[kinds == t], accuracy=True) for t in range(len(names))] + [cell(best, accuracy=True)]
+        print("oracle (accuracy): " + " | ".join(cells))
     for label, run in runs:
         for ref_label, ref in references:
             values, reference = torch.tensor(run["losses"]), torch.tensor(ref["losses"])
