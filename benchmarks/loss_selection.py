@@ -38,6 +38,12 @@ Two more modes (`--mode`), the same protocol:
         --methods mse mse_l1 mixture policy --override=--data.init_args.sparse_fraction=0.5 \\
         --override=--model.init_args.inner_steps=20        # trained through 20 inner steps, as tested
     PYTHONPATH=. python benchmarks/loss_selection.py --mode omniglot --steps 250 --eval-steps 3
+    PYTHONPATH=. python benchmarks/loss_selection.py --mode omniglot --steps 250 --eval-steps 3 \\
+        --methods mixture policy --selector-arg=label_consistency=true --selector-arg=probe_lr=0.1 \\
+        --selector-arg='candidates=[cross_entropy]' --selector-arg='lr_scales=[0.25,0.5,1.0,2.0]' --tag _lr
+        # the step-size axis on Omniglot: the selector args replace the five losses (they follow them)
+
+Paired differences between such runs on the same test tasks: `benchmarks/loss_selection_paired.py`.
 """
 
 from __future__ import annotations

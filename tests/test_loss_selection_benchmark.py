@@ -74,3 +74,38 @@ def test_selector_args_reach_the_mixture_and_the_policy_but_not_the_bandit(bench
         )
     assert all("probe_lr" not in a for a in mode.inner_loss_args("bandit"))
     assert all("probe_lr" not in a for a in mode.inner_loss_args("cross_entropy"))
+
+
+def test_selector_args_override_the_omniglot_candidates_to_reach_the_step_size_axis(bench) -> None:
+    # `--selector-arg=candidates=[cross_entropy] --selector-arg=lr_scales=[...]`: the lr axis in
+    # omniglot mode. jsonargparse keeps the last value, so the selector args must follow the default
+    # candidates (the five losses) for the one-loss candidate list to win.
+    mode = bench.Mode("omniglot", ["candidates=[cross_entropy]", "lr_scales=[0.25,1.0]"])
+    prefix = "--model.init_args.inner_loss.init_args."
+    for method in ("mixture", "policy"):
+        args = mode.inner_loss_args(method)
+        defaults = args.index(prefix + "candidates=[" + ",".join(bench.OMNIGLOT_CANDIDATES) + "]")
+        assert args.index(prefix + "candidates=[cross_entropy]") > defaults
+        assert args.index(prefix + "lr_scales=[0.25,1.0]") > defaults
+
+
+@pytest.fixture
+def paired(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    return importlib.import_module("loss_selection_paired")
+
+
+def test_paired_rows_difference_per_task_type_and_over_all(paired) -> None:
+    kinds = torch.tensor([0, 0, 1, 1])
+    values, reference = torch.tensor([90.0, 80.0, 60.0, 40.0]), torch.tensor([80.0, 80.0, 60.0, 50.0])
+    row = paired.paired_row("a − b", values, reference, kinds, 2)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "a − b"
+    assert [c.split(" ± ")[0] for c in cells[1:]] == ["+5.00", "-5.00", "+0.00"]
+
+
+def test_the_scale_auc_is_one_when_every_corrupted_task_takes_the_smaller_step(paired) -> None:
+    kinds = torch.tensor([0, 0, 1, 1])
+    assert paired.scale_auc(torch.tensor([1.0, 0.9, 0.5, 0.6]), kinds) == 1.0
+    assert paired.scale_auc(torch.tensor([0.5, 0.6, 1.0, 0.9]), kinds) == 0.0
+    assert paired.scale_auc(torch.ones(4), kinds) == 0.5
