@@ -184,7 +184,7 @@ def query_scores(model, tasks: list, steps: int) -> tuple[torch.Tensor, torch.Te
     pop = getattr(model.inner_loss, "pop_choices", None)
     pop_probabilities = getattr(model.inner_loss, "pop_probabilities", None)
     if pop_probabilities is not None:
-        pop_probabilities()  # the training tasks'
+        pop_probabilities()  # the validation tasks' (kept in eval mode only)
     for task in tasks:
         adapted = model.adapt(task, steps)[-1]
         with torch.no_grad():

@@ -255,8 +255,8 @@ class _Selector(InnerLoss):
         return choices
 
     def pop_probabilities(self) -> Tensor | None:
-        """`[tasks, candidates]`: each task's softmax over the candidates since the last call (the
-        mixture's weights before any argmax, the policy's π), or None (the bandit has none). How
+        """`[tasks, candidates]`: each task evaluated (eval mode) since the last call, its softmax over
+        the candidates (the mixture's weights before any argmax, the policy's π), or None (the bandit has none). How
         far from uniform, and how different between task types, the selector's preferences are."""
         if not self._probabilities:
             return None
@@ -345,9 +345,8 @@ class MixtureLoss(_FeatureSelector):
     def weights(self, params: Params, task: Task, predict: Predict) -> Tensor:
         """The candidates' weights for this task (sum to 1)."""
         w = torch.softmax(self.logits(params, task, predict), dim=-1)
-        self._probabilities.append(w.detach())
-        if len(self._probabilities) > 10_000:  # nobody pops them (training): keep the newest only
-            del self._probabilities[:-1000]
+        if not self.training:  # a report of evaluation: nothing kept in the training hot path
+            self._probabilities.append(w.detach())
         if not self.training and self.eval_choice == "argmax":
             w = nn.functional.one_hot(w.argmax(), len(self.candidates)).to(w.dtype)
         return w
@@ -430,9 +429,8 @@ class PolicyLoss(_FeatureSelector):
             self._features = features.detach()
             logits = self.selector(features.to(self.selector[0].weight.dtype))
             dist = torch.distributions.Categorical(logits=logits)
-            self._probabilities.append(dist.probs.detach())
-            if len(self._probabilities) > 10_000:  # nobody pops them (training): keep the newest only
-                del self._probabilities[:-1000]
+            if not self.training:
+                self._probabilities.append(dist.probs.detach())
             choice = dist.sample() if self.training else logits.argmax()
             self._choice, self._log_prob, self._entropy = int(choice), dist.log_prob(choice), dist.entropy()
             self._choices.append(self._choice)
