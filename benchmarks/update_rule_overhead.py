@@ -67,10 +67,17 @@ def step_sizes(kind: str, model: torch.nn.Module, steps: int, dtype: torch.dtype
     return rates_per_step, rates_per_step
 
 
-def make_step(module: ModuleType, model: torch.nn.Module, batch, steps: int, step_size, first_order: bool) -> Callable:
-    """One meta-step through `module`'s inner loop: the meta-loss and its gradients."""
-    learned = list(step_size.values()) if isinstance(step_size, dict) else []
-    learned += [s for s in step_size if isinstance(s, torch.Tensor)] if isinstance(step_size, list) else []
+def make_step(
+    module: ModuleType,
+    model: torch.nn.Module,
+    batch,
+    steps: int,
+    step_size: object,
+    learned: list[torch.Tensor],
+    first_order: bool,
+) -> Callable:
+    """One meta-step through `module`'s inner loop: the meta-loss and its gradients in θ0 and in
+    the step size's `learned` tensors."""
 
     def meta_step() -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         params = module.named_params(model)
@@ -107,9 +114,9 @@ def main() -> None:
     for kind, first_order in variants:
         torch.manual_seed(0)
         model = MLP().double()
-        size, _ = step_sizes(kind, model, args.steps, torch.float64)
-        old = make_step(before, model, batch64, args.steps, size, first_order)()
-        new = make_step(inner_loop, model, batch64, args.steps, size, first_order)()
+        size, learned = step_sizes(kind, model, args.steps, torch.float64)
+        old = make_step(before, model, batch64, args.steps, size, learned, first_order)()
+        new = make_step(inner_loop, model, batch64, args.steps, size, learned, first_order)()
         worst = max((a - b).abs().max().item() for a, b in zip((old[0], *old[1]), (new[0], *new[1]), strict=True))
         if worst > 1e-12:
             raise SystemExit(f"{kind} (first_order={first_order}): before and after differ by {worst:.3g} in float64")
@@ -119,9 +126,9 @@ def main() -> None:
     for kind, first_order in variants:
         torch.manual_seed(0)
         model = MLP()
-        size, _ = step_sizes(kind, model, args.steps, torch.float32)
+        size, learned = step_sizes(kind, model, args.steps, torch.float32)
         for label, module in (("before", before), ("after", inner_loop)):
-            runs[kind, first_order, label] = make_step(module, model, batch32, args.steps, size, first_order)
+            runs[kind, first_order, label] = make_step(module, model, batch32, args.steps, size, learned, first_order)
     for run in runs.values():
         run()  # warm-up
     times: dict[tuple[str, bool, str], list[float]] = {key: [] for key in runs}
