@@ -291,16 +291,15 @@ class RL2Agent:
     def _act(self, observations: np.ndarray, sample: bool) -> np.ndarray:
         like = self._like()
         obs = torch.as_tensor(np.asarray(observations), dtype=like.dtype).to(like.device)
-        x = torch.cat([obs, self.prev_action, self.prev_reward[:, None], self.prev_done[:, None]], 1)
         with torch.no_grad():
-            out, self.hidden = self.learner.gru(x[None], self.hidden)
-            mean, _ = self.learner.heads(out[0])
+            _, mean, _, self.hidden = self.learner.policy_step(
+                obs, self.prev_action, self.prev_reward, self.prev_done, self.hidden
+            )
             action = mean
             if sample:
                 normals = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype).to(mean.device)
                 action = mean + self.learner.log_std.exp() * normals
-        clip = self.learner.action_clip
-        env_action = action if clip is None else action.clamp(-clip, clip)
+        env_action = self.learner.env_action(action)
         # The next input's previous action; reward and done until `step` or `reset` says otherwise.
         self.prev_action, self.prev_reward, self.prev_done = (
             env_action,

@@ -147,6 +147,21 @@ class RL2(MetaRLLearner):
         """Policy logits (continuous: the Gaussian's mean) and the (normalised) value of GRU outputs."""
         return self.policy(hidden), self.value(hidden).squeeze(-1)
 
+    def policy_step(
+        self, obs: Tensor, prev_action: Tensor, prev_reward: Tensor, prev_done: Tensor, hidden: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One step of the recurrent policy for `[tasks]` at once: its input x = [observation,
+        previous action, previous reward, done flag], the logits (continuous: the Gaussian's mean)
+        and value of the GRU output, and the next hidden state."""
+        x = torch.cat([obs, prev_action, prev_reward[:, None], prev_done[:, None]], 1)
+        out, hidden = self.gru(x[None], hidden)
+        logits, value = self.heads(out[0])
+        return x, logits, value, hidden
+
+    def env_action(self, action: Tensor) -> Tensor:
+        """A continuous action as the environment gets it: clipped to ±`action_clip` if set."""
+        return action if self.action_clip is None else action.clamp(-self.action_clip, self.action_clip)
+
     def log_prob_and_entropy(self, logits: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
         """Log-probability of `actions` under the policy head's `logits`, and the mean entropy."""
         if self.discrete:
@@ -189,16 +204,13 @@ class RL2(MetaRLLearner):
             state = family.initial_state(tasks)
             for t in range(family.horizon):
                 obs = family.observe(tasks, state).to(prev_action.dtype)
-                x = torch.cat([obs, prev_action, prev_reward[:, None], prev_done[:, None]], 1)
-                out, hidden = self.gru(x[None], hidden)
-                logits, value = self.heads(out[0])
+                x, logits, value, hidden = self.policy_step(obs, prev_action, prev_reward, prev_done, hidden)
                 if self.discrete:
                     action = sample_categorical(F.log_softmax(logits, -1).exp(), batch.action_noise[:, episode, t])
                     env_action = action
                 else:
                     action = logits + self.log_std.exp() * normals[:, episode, t]
-                    clip = self.action_clip
-                    env_action = action if clip is None else action.clamp(-clip, clip)
+                    env_action = self.env_action(action)
                 log_prob, _ = self.log_prob_and_entropy(logits, action)
                 state, reward = family.step(tasks, state, env_action, step_noise(batch.noise, episode, t))
                 reward = reward.to(x.dtype)  # the MuJoCo families reward in float64
