@@ -42,6 +42,11 @@ Two more modes (`--mode`), the same protocol:
         --methods mixture policy --selector-arg=label_consistency=true --selector-arg=probe_lr=0.1 \\
         --selector-arg='candidates=[cross_entropy]' --selector-arg='lr_scales=[0.25,0.5,1.0,2.0]' --tag _lr
         # the step-size axis on Omniglot: the selector args replace the five losses (they follow them)
+    PYTHONPATH=. python benchmarks/loss_selection.py --mode omniglot --steps 250 --eval-steps 3 \\
+        --methods cross_entropy consistency_filtered_cross_entropy mixture policy \\
+        --selector-arg=label_consistency=true --selector-arg=probe_lr=0.1 \\
+        --selector-arg='candidates=[cross_entropy,consistency_filtered_cross_entropy]' --tag _filtered
+        # a candidate outside the default five (EXTRA_CANDIDATES) runs when named in --methods
 
 Paired differences between such runs on the same test tasks: `benchmarks/loss_selection_paired.py`.
 """
@@ -65,6 +70,7 @@ from lightning_meta.algorithms import mean_and_ci95
 from lightning_meta.cli import run_cli
 from lightning_meta.data.sampler import TEST, task_rng
 from lightning_meta.inner_loop import forward
+from lightning_meta.losses.candidates import EXTRA_CANDIDATES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "sinusoid" / "maml_robust_loss.yaml"
@@ -109,6 +115,14 @@ class Mode:
         else:
             raise ValueError(f"--mode {name!r} must be loss, lr, product, autoloss or omniglot")
         self.classification = name == "omniglot"
+        # Candidates run only when named in --methods (never by default, never in the selectors'
+        # default candidates): e.g. consistency_filtered_cross_entropy on Omniglot.
+        kind = "classification" if self.classification else "regression"
+        self.extra = list(EXTRA_CANDIDATES[kind]) if name in ("loss", "autoloss", "omniglot") else []
+
+    def fixed(self, methods) -> list[str]:
+        """The fixed-loss methods among `methods` (the oracle's pool), the default candidates first."""
+        return [m for m in [*self.candidates, *self.extra] if m in methods]
 
     def inner_loss_args(self, method: str) -> list[str]:
         if self.name in ("lr", "product") and method in self.candidates:
@@ -119,7 +133,7 @@ class Mode:
                 f"--model.init_args.inner_loss.init_args.name={loss}",
                 f"--model.init_args.inner_lr={LR_BASE * float(scale)!r}",
             ]
-        if method in self.candidates:
+        if method in self.candidates or method in self.extra:
             return [
                 "--model.init_args.inner_loss=lightning_meta.losses.CandidateLoss",
                 "--model.init_args.inner_loss.init_args.name=" + method,
@@ -136,7 +150,9 @@ class Mode:
                 "--model.init_args.inner_loss.init_args.steps=1",
             ]
         if method not in SELECTORS:
-            raise ValueError(f"method {method!r}: choose among {self.candidates}, {list(SELECTORS)}, ML3 or MeTAL")
+            raise ValueError(
+                f"method {method!r}: choose among {[*self.candidates, *self.extra]}, {list(SELECTORS)}, ML3 or MeTAL"
+            )
         extra = self.selector_args if method != "bandit" else []
         if self.name in ("lr", "product"):
             return [
@@ -275,7 +291,7 @@ def report(
     args: argparse.Namespace, mode: Mode, results: dict, kinds: torch.Tensor, type_names: tuple, show: bool = True
 ) -> None:
     """The table (md, printed) and the raw per-task numbers (json) of the methods run so far."""
-    fixed = [m for m in mode.candidates if m in results]
+    fixed = mode.fixed(results)
     if fixed:
         # "losses" holds the metric: MSE (lower is better) or accuracy (higher is better).
         best, choice = oracle(

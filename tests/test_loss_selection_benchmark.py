@@ -89,6 +89,16 @@ def test_selector_args_override_the_omniglot_candidates_to_reach_the_step_size_a
         assert args.index(prefix + "lr_scales=[0.25,1.0]") > defaults
 
 
+def test_a_candidate_outside_the_default_five_is_a_fixed_method_and_joins_the_oracle(bench) -> None:
+    mode = bench.Mode("omniglot", ["candidates=[cross_entropy,consistency_filtered_cross_entropy]"])
+    name = "consistency_filtered_cross_entropy"
+    assert name not in mode.candidates  # the default methods (and the README's table) are unchanged
+    assert f"--model.init_args.inner_loss.init_args.name={name}" in mode.inner_loss_args(name)
+    assert mode.fixed({"policy": 0, name: 0, "cross_entropy": 0}) == ["cross_entropy", name]
+    with pytest.raises(ValueError, match="choose among"):
+        mode.inner_loss_args("no_such_loss")
+
+
 @pytest.fixture
 def paired(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))

@@ -10,7 +10,11 @@ import torch
 
 from lightning_meta.losses import (
     CANDIDATES,
+    CandidateLoss,
+    MixtureLoss,
     cauchy,
+    consistency_filtered_cross_entropy,
+    consistency_weights,
     cross_entropy,
     focal,
     generalised_cross_entropy,
@@ -21,6 +25,7 @@ from lightning_meta.losses import (
     mse,
     mse_one_hot,
 )
+from lightning_meta.losses.candidates import candidate_fn, known_candidates
 
 g = torch.Generator().manual_seed(0)
 LOGITS = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -118,3 +123,65 @@ def test_every_candidate_is_minimal_at_the_target():
         if name == "label_smoothed_cross_entropy":
             continue  # its minimum is not at one-hot
         assert loss(confident, LABELS) < loss(LOGITS, LABELS) and loss(confident, LABELS) < 1e-6, name
+
+
+def _clusters(labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
+    """Logits near 5·one-hot of each example's *true* class `labels` (well-separated clusters)."""
+    noise = torch.randn(len(labels), classes, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return 5.0 * torch.nn.functional.one_hot(labels, classes).double() + 0.3 * noise
+
+
+def test_consistency_filtered_ce_is_cross_entropy_on_a_consistent_support_set():
+    labels = torch.arange(3).repeat_interleave(4)
+    logits = _clusters(labels)
+    assert consistency_weights(logits, labels).tolist() == [1.0] * 12
+    torch.testing.assert_close(
+        consistency_filtered_cross_entropy(logits, labels), cross_entropy(logits, labels), rtol=1e-12, atol=0
+    )
+
+
+def test_consistency_filtered_ce_down_weights_a_flipped_label_and_fits_the_rest():
+    true = torch.arange(3).repeat_interleave(4)
+    labels = true.clone()
+    labels[0] = 1  # an example of class 0 (it lies among class 0's) labelled 1
+    logits = _clusters(true).requires_grad_()
+    weights = consistency_weights(logits, labels)
+    assert weights[0] < 1e-3 and weights[1:].tolist() == [1.0] * 11
+    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    loss = consistency_filtered_cross_entropy(logits, labels)
+    # Σ w·CE / Σ w: the flipped example hardly counts, so the loss is ~the mean over the other 11.
+    assert loss.item() == pytest.approx(per_example[1:].mean().item(), rel=1e-2)
+    assert loss < cross_entropy(logits, labels)  # CE pays the flipped example's large loss
+    loss.backward()
+    grad = logits.grad
+    assert torch.isfinite(grad).all() and grad[1:].abs().sum() > 0
+    # The weights are detached: the flipped example's logits get only its weight's share of CE's pull.
+    assert grad[0].abs().max() < 1e-3 * grad[1:].abs().max()
+
+
+def test_consistency_filtered_ce_with_one_example_per_class_is_cross_entropy_not_nan():
+    labels = torch.arange(4)
+    logits = LOGITS[:4].clone().requires_grad_()
+    # No leave-one-out mean for any example's own class: every weight would be 0, so all are 1.
+    assert consistency_weights(logits, labels).tolist() == [1.0] * 4
+    loss = consistency_filtered_cross_entropy(logits, labels)
+    torch.testing.assert_close(loss, cross_entropy(logits, labels), rtol=1e-12, atol=0)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="temperature=0"):
+        consistency_filtered_cross_entropy(LOGITS, LABELS, temperature=0)
+
+
+def test_consistency_filtered_ce_is_a_named_candidate_outside_the_default_set():
+    name = "consistency_filtered_cross_entropy"
+    assert name not in CANDIDATES["classification"]  # default candidate sets (and their numbers) unchanged
+    assert name in known_candidates("classification")
+    task_logits = _clusters(torch.arange(3).repeat_interleave(2))
+    labels = torch.arange(3).repeat_interleave(2)
+    torch.testing.assert_close(
+        candidate_fn("classification", name)(task_logits, labels, {}),
+        consistency_filtered_cross_entropy(task_logits, labels),
+    )
+    assert CandidateLoss(name).kind == "classification"
+    mixture = MixtureLoss(candidates=["cross_entropy", name], kind="classification")
+    assert mixture.candidates == ["cross_entropy", name]

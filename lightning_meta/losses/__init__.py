@@ -10,6 +10,8 @@ default, unchanged numbers), a fixed candidate (`CandidateLoss`) or a learned on
 from lightning_meta.losses.candidates import (
     CANDIDATES,
     cauchy,
+    consistency_filtered_cross_entropy,
+    consistency_weights,
     cross_entropy,
     focal,
     generalised_cross_entropy,
@@ -35,6 +37,8 @@ __all__ = [
     "PolicyLoss",
     "TaskLoss",
     "cauchy",
+    "consistency_filtered_cross_entropy",
+    "consistency_weights",
     "cross_entropy",
     "focal",
     "generalised_cross_entropy",

@@ -10,6 +10,12 @@ Classification (logits `[N, ways]`, integer labels `[N]`):
   (q → 0) and mean absolute error (q = 1), robust to flipped labels.
 - `mse_one_hot`: squared error between the softmax probabilities and the one-hot targets,
   summed over classes (bounded, so also robust to flipped labels).
+- `consistency_filtered_cross_entropy`: cross-entropy with each support example weighted by
+  whether its label agrees with where it lies among the other support examples (leave-one-out
+  nearest class mean of the detached logits): 1 where its own label's mean is the nearest, less
+  the farther it is. Unlike the losses above it can tell a flipped label from a hard example, so
+  it is meant for the flipped tasks of a label-noise family (and to be chosen per task); it is
+  not in the default candidate set (`EXTRA_CANDIDATES`).
 
 Regression (predictions and targets of the same shape, residual d = prediction − target):
 
@@ -69,6 +75,49 @@ def mse_one_hot(logits: Tensor, labels: Tensor) -> Tensor:
     return (F.softmax(logits, dim=-1) - one_hot).pow(2).sum(-1).mean()
 
 
+def consistency_weights(logits: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+    """`[N]` detached weights in [0, 1] of a classification support set: how well each example's
+    label agrees with where its logits lie among the other examples'.
+
+    For example i and class c let d²_ic be the squared distance from i's logits to the mean logits
+    of the class-c examples, i left out of its own class's mean (as
+    `lightning_meta.losses.selection.consistency_features`). The weight is
+    exp(−(d²_i,y_i − min_c d²_ic) / (temperature · s)), s the mean squared distance between two
+    examples: 1 when its own label's mean is the nearest, → 0 for an example that sits among
+    another class's. An example alone in its class has no leave-one-out mean: weight 0. The
+    geometry is the model's own (the labels of an N-way task are a permutation of the classes,
+    so at θ0 the probability of the label says nothing; whether look-alike examples share the
+    label does). If every weight is 0 (one example per class) all are 1: cross-entropy.
+    """
+    with torch.no_grad():
+        z = logits.detach().flatten(1).to(torch.float64)
+        y = labels.detach().long()
+        n, classes = len(y), logits.shape[-1]
+        one_hot = F.one_hot(y, classes).to(z.dtype)  # [N, C]
+        sums, counts = one_hot.T @ z, one_hot.sum(0)
+        loo_sums = sums.unsqueeze(0) - one_hot.unsqueeze(-1) * z.unsqueeze(1)  # [N, C, D]
+        loo_counts = counts.unsqueeze(0) - one_hot  # [N, C]
+        means = loo_sums / loo_counts.clamp_min(1).unsqueeze(-1)
+        d2 = (z.unsqueeze(1) - means).pow(2).sum(-1).masked_fill(loo_counts == 0, float("inf"))
+        own = d2.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        gap = torch.where(torch.isfinite(own), own - d2.min(-1).values, torch.full_like(own, float("inf")))
+        scale = torch.cdist(z, z).pow(2).sum() / max(n * (n - 1), 1)
+        weights = torch.exp(-gap / (temperature * scale).clamp_min(1e-12))
+        weights = torch.where(weights.sum() > 0, weights, torch.ones_like(weights))
+    return weights.to(logits.dtype)
+
+
+def consistency_filtered_cross_entropy(logits: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+    """Σ_i w_i·CE_i / Σ_i w_i with w = `consistency_weights(logits, labels, temperature)` (detached:
+    the weights choose which examples to fit, the gradient is cross-entropy's on those). Equal to
+    cross-entropy when every example's nearest leave-one-out class mean is its own label's."""
+    if temperature <= 0:
+        raise ValueError(f"consistency-filtered cross-entropy temperature={temperature} must be > 0")
+    weights = consistency_weights(logits, labels, temperature)
+    per_example = F.cross_entropy(logits, labels, reduction="none")
+    return (weights * per_example).sum() / weights.sum()
+
+
 def mse(predictions: Tensor, targets: Tensor) -> Tensor:
     """Mean squared residual."""
     return F.mse_loss(predictions, targets)
@@ -108,6 +157,13 @@ CANDIDATES: dict[str, dict[str, Callable[[Tensor, Tensor], Tensor]]] = {
 }
 """The candidate sets of issue 15 (point 4), by task kind; the first of each is the task's own loss."""
 
+EXTRA_CANDIDATES: dict[str, dict[str, Callable[[Tensor, Tensor], Tensor]]] = {
+    "classification": {"consistency_filtered_cross_entropy": consistency_filtered_cross_entropy},
+    "regression": {},
+}
+"""Candidates chosen by name only, never part of a default candidate set (so the default sets,
+and every number measured with them, stay as they were)."""
+
 
 def mse_l1(predictions: Tensor, targets: Tensor, params: Mapping[str, Tensor], weight: float = 0.2) -> Tensor:
     """MSE + weight·Σ|w| over the tensors of `params` whose name ends in `weight`."""
@@ -129,10 +185,10 @@ def candidate_fn(kind: str, name: str) -> CandidateFn:
     `CANDIDATES` ignores the params)."""
     if name in PARAM_CANDIDATES[kind]:
         return PARAM_CANDIDATES[kind][name]
-    loss = CANDIDATES[kind][name]
+    loss = CANDIDATES[kind][name] if name in CANDIDATES[kind] else EXTRA_CANDIDATES[kind][name]
     return lambda predictions, targets, params: loss(predictions, targets)
 
 
 def known_candidates(kind: str) -> list[str]:
-    """Every candidate name of `kind`: `CANDIDATES` then `PARAM_CANDIDATES`."""
-    return [*CANDIDATES[kind], *PARAM_CANDIDATES[kind]]
+    """Every candidate name of `kind`: `CANDIDATES`, `EXTRA_CANDIDATES`, then `PARAM_CANDIDATES`."""
+    return [*CANDIDATES[kind], *EXTRA_CANDIDATES[kind], *PARAM_CANDIDATES[kind]]

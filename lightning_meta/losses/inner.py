@@ -69,7 +69,8 @@ class CandidateLoss(InnerLoss):
 
     Args:
         name: a candidate of the task's kind: classification `cross_entropy`,
-            `label_smoothed_cross_entropy`, `focal`, `generalised_cross_entropy`, `mse_one_hot`;
+            `label_smoothed_cross_entropy`, `focal`, `generalised_cross_entropy`, `mse_one_hot`,
+            `consistency_filtered_cross_entropy` (not in the default candidate set);
             regression `mse`, `l1`, `huber`, `log_cosh`, `cauchy`, and `mse_l1` (MSE + 0.2·Σ|w|
             over the weights, AutoLoss's).
     """
