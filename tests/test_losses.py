@@ -185,3 +185,14 @@ def test_consistency_filtered_ce_is_a_named_candidate_outside_the_default_set():
     assert CandidateLoss(name).kind == "classification"
     mixture = MixtureLoss(candidates=["cross_entropy", name], kind="classification")
     assert mixture.candidates == ["cross_entropy", name]
+
+
+def test_consistency_filtered_ce_runs_under_vmap_as_in_a_loop():
+    # The learners batch tasks with torch.func.vmap: no data-dependent op (e.g. F.one_hot) inside.
+    labels = torch.arange(3).repeat_interleave(4).expand(2, 12).clone()
+    labels[0, 0] = 1
+    logits = torch.stack([_clusters(torch.arange(3).repeat_interleave(4)), LOGITS[:3].repeat(4, 1)[:, :3]])
+    looped = torch.stack([consistency_filtered_cross_entropy(logits[i], labels[i]) for i in range(2)])
+    torch.testing.assert_close(torch.func.vmap(consistency_filtered_cross_entropy)(logits, labels), looped)
+    grads = torch.func.vmap(torch.func.grad(consistency_filtered_cross_entropy))(logits, labels)
+    torch.testing.assert_close(grads[0], torch.func.grad(consistency_filtered_cross_entropy)(logits[0], labels[0]))

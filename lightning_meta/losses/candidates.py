@@ -93,7 +93,8 @@ def consistency_weights(logits: Tensor, labels: Tensor, temperature: float = 0.1
         z = logits.detach().flatten(1).to(torch.float64)
         y = labels.detach().long()
         n, classes = len(y), logits.shape[-1]
-        one_hot = F.one_hot(y, classes).to(z.dtype)  # [N, C]
+        # [N, C]; not F.one_hot, which reads the labels' max (data-dependent: no vmap).
+        one_hot = (y.unsqueeze(-1) == torch.arange(classes, device=y.device)).to(z.dtype)
         sums, counts = one_hot.T @ z, one_hot.sum(0)
         loo_sums = sums.unsqueeze(0) - one_hot.unsqueeze(-1) * z.unsqueeze(1)  # [N, C, D]
         loo_counts = counts.unsqueeze(0) - one_hot  # [N, C]
