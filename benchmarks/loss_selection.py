@@ -355,10 +355,14 @@ def report(
 def caption(args: argparse.Namespace, kinds: torch.Tensor, type_names: tuple[str, ...]) -> str:
     counts = ", ".join(f"{int((kinds == t).sum())} {name}" for t, name in enumerate(type_names))
     if args.mode == "omniglot":
+        # The config trains through 1 inner step; an --override may change it (the last one wins).
+        prefix = "--model.init_args.inner_steps="
+        train_steps = ([o.removeprefix(prefix) for o in args.override if o.startswith(prefix)] or ["1"])[-1]
         return (
             f"Omniglot 5-way 5-shot, half the tasks with 40% of the support labels flipped to another class (queries "
-            f"clean, held-out test characters), MAML (Conv4, 16 channels, second order, inner lr 0.1, 1 inner step in "
-            f"training), inner loss chosen among fixed candidates, {args.steps} meta-steps of 8 tasks per method "
+            f"clean, held-out test characters), MAML (Conv4, 16 channels, second order, inner lr 0.1, {train_steps} "
+            f"inner step{'' if train_steps == '1' else 's'} in training), inner loss chosen among fixed candidates, "
+            f"{args.steps} meta-steps of 8 tasks per method "
             f"(seed {args.seed}), query accuracy (%) after {args.eval_steps} inner steps on {args.test_tasks} fixed "
             f"test tasks ({counts}), mean ± 95% CI. Oracle: the most accurate fixed-candidate model per test task, "
             f"after the fact (ties: the lower query cross-entropy). train min: wall minutes, shared CPU, one thread."

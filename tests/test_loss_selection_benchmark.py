@@ -99,6 +99,16 @@ def test_a_candidate_outside_the_default_five_is_a_fixed_method_and_joins_the_or
         mode.inner_loss_args("no_such_loss")
 
 
+def test_the_omniglot_caption_states_the_training_inner_steps_an_override_sets(bench) -> None:
+    import argparse
+
+    kinds = torch.tensor([0, 1])
+    args = argparse.Namespace(mode="omniglot", steps=250, seed=0, eval_steps=3, test_tasks=2, override=[])
+    assert "1 inner step in training" in bench.caption(args, kinds, ("clean", "corrupted"))
+    args.override = ["--model.init_args.eval_inner_steps=10", "--model.init_args.inner_steps=3"]
+    assert "3 inner steps in training" in bench.caption(args, kinds, ("clean", "corrupted"))
+
+
 @pytest.fixture
 def paired(monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
