@@ -1,21 +1,26 @@
-"""MAML-RL on Meta-World ML1, scored by Meta-World's own protocol (`metaworld.evaluation`).
+"""MAML-RL or PEARL on Meta-World ML1, scored by Meta-World's own protocol (`metaworld.evaluation`).
 
-Meta-trains MAMLRL through the real CLI (configs/metaworld_ml1/maml_rl.yaml, sizes reduced by the
-flags below) for a CPU-time budget on ML1's training goals, then scores it with
-`metaworld.evaluation.metalearning_evaluation` on ML1's held-out test goals (Meta-World's own
-test-split vector env, `lightning_meta.algorithms.metaworld_eval`): the success rate after one
-adaptation step (the learner's VPG step on `--adaptation-episodes` sampled episodes per goal),
-before it (the same protocol with 0 adaptation steps: the meta-policy's mean action), the same two
-for the untrained initial policy, and uniformly random actions. Also measures the cost a full-scale
-run needs: CPU ms per simulator step (the batched family) and CPU seconds per meta-iteration.
+Meta-trains MAMLRL (`--algorithm maml_rl`, the default) or PEARL (`--algorithm pearl`) through the
+real CLI (configs/metaworld_ml1/<algorithm>.yaml, sizes reduced by the flags below) for a CPU-time
+budget on ML1's training goals, then scores it with `metaworld.evaluation.metalearning_evaluation`
+on ML1's held-out test goals (Meta-World's own test-split vector env,
+`lightning_meta.algorithms.metaworld_eval`): the success rate after adaptation on
+`--adaptation-episodes` episodes per goal (MAML-RL: the learner's VPG step on sampled episodes;
+PEARL: the mean of q(z | the (s, a, r) context of those episodes)), before it (the same protocol
+with 0 adaptation steps: the meta-policy's mean action; PEARL: z = 0, the prior's mean), the same
+two for the untrained initial learner, and uniformly random actions. Also measures the cost a
+full-scale run needs: CPU ms per simulator step (the batched family) and, for MAML-RL, CPU seconds
+per meta-iteration; for PEARL, its validation curve (returns before/after adaptation on held-out
+goals) during training.
 
     OMP_NUM_THREADS=1 python benchmarks/metaworld_ml1.py --minutes 6
+    OMP_NUM_THREADS=1 python benchmarks/metaworld_ml1.py --algorithm pearl --minutes 20 --tag pearl
 
 Writes benchmarks/results/metaworld_ml1[_<tag>].{md,json}. The budget of this script's defaults is
 far below the paper's: see the written report.
 
 (A new script, not a generalisation of benchmarks/nav2d_maml_rl.py: another session is editing the
-nav2d scripts; this one reuses its `Curve` callback by import.)
+nav2d scripts; this one reuses its `Curve` callback, and nav2d_pearl.py's `CPUBudget`, by import.)
 """
 
 from __future__ import annotations
