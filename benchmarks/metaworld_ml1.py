@@ -207,7 +207,8 @@ def main() -> None:
     cli.trainer.callbacks.append(curve)
     cli.trainer.fit(model, datamodule=cli.datamodule)
     train_seconds, train_cpu = time.perf_counter() - start, curve.cpu_used()
-    iterations = model.global_step
+    # MAML-RL: meta-iterations; PEARL: training steps (collections), not its 3 optimizer steps per gradient step
+    iterations = cli.trainer.fit_loop.epoch_loop._batches_that_stepped if pearl else model.global_step
     per_iteration = train_cpu / max(iterations, 1)
 
     protocol = {
