@@ -348,3 +348,42 @@ def test_linear_baseline_solves_a_singular_float32_system_like_metaworlds_observ
     fitted = linear_baseline(obs, returns)
     assert fitted.dtype == torch.float32 and torch.isfinite(fitted).all()
     torch.testing.assert_close(fitted.double(), linear_baseline(obs.double(), returns.double()), atol=1e-5, rtol=0)
+
+
+@needs_metaworld
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+def test_a_one_step_pearl_fit_through_the_cli_with_the_config_is_scored_by_the_protocol(tmp_path):
+    """configs/metaworld_ml1/pearl.yaml trains (one training step: collection + 2 gradient steps,
+    validation) and its learner is one `PEARLAgent` accepts: (s, a, r) context."""
+    from lightning_meta.algorithms import PEARL
+    from lightning_meta.algorithms.metaworld_eval import PEARLAgent, score, test_envs
+    from tests.helpers import cli_fit_with_checkpoints
+
+    cli = cli_fit_with_checkpoints(
+        "metaworld_ml1/pearl.yaml",
+        tmp_path,
+        6,  # optimizer steps: 3 per gradient step (α is fixed)
+        6,
+        "--trainer.val_check_interval=1",
+        "--model.init_args.family.init_args.horizon=4",
+        "--data.init_args.family.init_args.horizon=4",
+        "--model.init_args.hidden_size=8",
+        "--model.init_args.encoder_hidden_size=8",
+        "--model.init_args.gradient_steps=2",
+        "--model.init_args.batch_size=4",
+        "--model.init_args.context_batch=4",
+        "--model.init_args.meta_batch=2",
+        "--data.init_args.train_pool=3",
+        "--data.init_args.tasks_per_batch=2",
+        "--data.init_args.val_tasks=2",
+        "--data.init_args.eval_tasks_per_batch=2",
+    )
+    model = cli.model
+    assert isinstance(model, PEARL) and isinstance(model.family, MetaWorldML1) and not model.use_next_obs
+    assert model.global_step == 6 and model.family == MetaWorldML1(ENV, horizon=4, episodes=3)
+    metrics = cli.trainer.callback_metrics
+    for key in ("val/return_first", "val/return_last", "train/return"):
+        assert torch.isfinite(metrics[key]), key
+    model.eval()
+    result = score(PEARLAgent(model, 2), test_envs(ENV, 2, horizon=4), num_evals=1, adaptation_episodes=1)
+    assert 0.0 <= result["success_rate"] <= 1.0 and np.isfinite(result["return"])
