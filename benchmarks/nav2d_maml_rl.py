@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from lightning_meta.algorithms import MAMLRL
+from lightning_meta.algorithms import MAMLRL, mean_and_ci95
 from lightning_meta.callbacks import CPUTimeBudget
 from lightning_meta.cli import run_cli
+from lightning_meta.data import RLTaskDataModule
 from lightning_meta.data.rl import TaskSpecStream
 from lightning_meta.data.sampler import TEST
 from lightning_meta.envs.baselines import LABELS
@@ -109,6 +110,26 @@ def plot_trajectories(model: MAMLRL, path: Path, goals: int = 4, shown: int = 5)
     fig.savefig(path, dpi=110)
 
 
+def per_task_returns(model: MAMLRL, data: RLTaskDataModule) -> dict[str, list[float]]:
+    """Each test task's mean episode return before and after the VPG step and of each baseline, on
+    the same tasks and noise as `trainer.test` (the stream is seeded, so the means equal its metrics),
+    for paired differences: the baselines' task-to-task spread (e.g. the target velocity) cancels."""
+    model.eval()
+    rows: dict[str, list[float]] = {}
+    for batch in data.test_dataloader():
+        episodes = model.episode_returns(batch).detach()
+        columns = {"before": episodes[:, 0], "after": episodes[:, 1], **model._baselines(batch)}
+        for name, values in columns.items():
+            rows.setdefault(name, []).extend(float(v) for v in values)
+    return rows
+
+
+def paired_rows(per_task: dict[str, list[float]]) -> list[tuple[str, str]]:
+    """(after, before), then (after, baseline) and (before, baseline) for every baseline."""
+    baselines = [k for k in per_task if k not in ("before", "after")]
+    return [("after", "before"), *[(a, b) for b in baselines for a in ("after", "before")]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=("nav2d", "cheetah_vel"), default="nav2d", help="configs/<family>/")
@@ -150,6 +171,7 @@ def main() -> None:
     train_seconds, train_cpu = time.perf_counter() - start, curve.cpu_used()
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     model: MAMLRL = cli.model
+    per_task = per_task_returns(model, cli.datamodule)
     iterations = model.global_step
 
     def cell(key: str) -> str:
@@ -182,6 +204,11 @@ def main() -> None:
     ]
     if args.overrides:
         lines.append(f"CLI overrides of configs/{args.family}/maml_rl.yaml: `{' '.join(args.overrides)}`.")
+    lines += ["", "Paired on the same test tasks and noise (per-task differences, mean ± 95% CI):", ""]
+    lines += ["| difference | return |", "|---|---|"]
+    for a, b in paired_rows(per_task):
+        mean, ci = mean_and_ci95(torch.tensor(per_task[a]) - torch.tensor(per_task[b]))
+        lines.append(f"| {a} − {b} | {float(mean):+.2f} ± {float(ci):.2f} |")
     text = "\n".join(lines)
     print(text)
     (results / f"{name}.md").write_text(text + "\n")
@@ -196,6 +223,7 @@ def main() -> None:
         "metrics": {k: float(v) for k, v in metrics.items()},
         "train_curve": curve.train,
         "val_curve": curve.val,
+        "per_task": per_task,
     }
     (results / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
 
