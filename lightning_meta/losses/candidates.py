@@ -75,6 +75,24 @@ def mse_one_hot(logits: Tensor, labels: Tensor) -> Tensor:
     return (F.softmax(logits, dim=-1) - one_hot).pow(2).sum(-1).mean()
 
 
+def loo_class_distances(z: Tensor, y: Tensor, classes: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Leave-one-out class geometry of a support set `z` `[N, D]` with labels `y` `[N]`: `d2[i, c]`,
+    the squared distance from example i to the mean of class c's examples with i left out of its
+    own class (inf where that class has no other example); `scale`, the mean squared distance
+    between two examples; the class `sums` `[C, D]` and `counts` `[C]`. The one-hot is built by
+    comparison, not `F.one_hot` (which reads the labels' max: data-dependent, no vmap)."""
+    n = len(y)
+    one_hot = (y.unsqueeze(-1) == torch.arange(classes, device=y.device)).to(z.dtype)  # [N, C]
+    sums, counts = one_hot.T @ z, one_hot.sum(0)  # [C, D], [C]
+    # Leave-one-out class sums and counts for every (example, class): only the own class changes.
+    loo_sums = sums.unsqueeze(0) - one_hot.unsqueeze(-1) * z.unsqueeze(1)  # [N, C, D]
+    loo_counts = counts.unsqueeze(0) - one_hot  # [N, C]
+    means = loo_sums / loo_counts.clamp_min(1).unsqueeze(-1)
+    d2 = (z.unsqueeze(1) - means).pow(2).sum(-1).masked_fill(loo_counts == 0, float("inf"))
+    scale = torch.cdist(z, z).pow(2).sum() / max(n * (n - 1), 1)
+    return d2, scale, sums, counts
+
+
 def consistency_weights(logits: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
     """`[N]` detached weights in [0, 1] of a classification support set: how well each example's
     label agrees with where its logits lie among the other examples'.
@@ -92,17 +110,9 @@ def consistency_weights(logits: Tensor, labels: Tensor, temperature: float = 0.1
     with torch.no_grad():
         z = logits.detach().flatten(1).to(torch.float64)
         y = labels.detach().long()
-        n, classes = len(y), logits.shape[-1]
-        # [N, C]; not F.one_hot, which reads the labels' max (data-dependent: no vmap).
-        one_hot = (y.unsqueeze(-1) == torch.arange(classes, device=y.device)).to(z.dtype)
-        sums, counts = one_hot.T @ z, one_hot.sum(0)
-        loo_sums = sums.unsqueeze(0) - one_hot.unsqueeze(-1) * z.unsqueeze(1)  # [N, C, D]
-        loo_counts = counts.unsqueeze(0) - one_hot  # [N, C]
-        means = loo_sums / loo_counts.clamp_min(1).unsqueeze(-1)
-        d2 = (z.unsqueeze(1) - means).pow(2).sum(-1).masked_fill(loo_counts == 0, float("inf"))
+        d2, scale, _, _ = loo_class_distances(z, y, logits.shape[-1])
         own = d2.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         gap = torch.where(torch.isfinite(own), own - d2.min(-1).values, torch.full_like(own, float("inf")))
-        scale = torch.cdist(z, z).pow(2).sum() / max(n * (n - 1), 1)
         weights = torch.exp(-gap / (temperature * scale).clamp_min(1e-12))
         weights = torch.where(weights.sum() > 0, weights, torch.ones_like(weights))
     return weights.to(logits.dtype)

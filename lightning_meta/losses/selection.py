@@ -53,7 +53,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_meta.losses.candidates import CANDIDATES, candidate_fn, known_candidates
+from lightning_meta.losses.candidates import CANDIDATES, candidate_fn, known_candidates, loo_class_distances
 from lightning_meta.losses.inner import InnerLoss, Predict, task_kind
 from lightning_meta.task import Params, Task
 
@@ -115,16 +115,8 @@ def consistency_features(embeddings: Tensor, labels: Tensor) -> Tensor:
     """
     z = embeddings.detach().flatten(1).to(torch.float64)
     y = labels.detach().long()
-    n, classes = len(y), int(y.max()) + 1
-    one_hot = nn.functional.one_hot(y, classes).to(z.dtype)  # [N, C]
-    sums, counts = one_hot.T @ z, one_hot.sum(0)  # [C, D], [C]
-    # Leave-one-out class sums and counts for every (example, class): only the own class changes.
-    loo_sums = sums.unsqueeze(0) - one_hot.unsqueeze(-1) * z.unsqueeze(1)  # [N, C, D]
-    loo_counts = counts.unsqueeze(0) - one_hot  # [N, C]
-    means = loo_sums / loo_counts.clamp_min(1).unsqueeze(-1)
-    d2 = (z.unsqueeze(1) - means).pow(2).sum(-1).masked_fill(loo_counts == 0, float("inf"))  # [N, C]
+    d2, scale, sums, counts = loo_class_distances(z, y, int(y.max()) + 1)  # [N, C], [], [C, D], [C]
     agreement = (d2.argmin(-1) == y).to(z.dtype).mean()
-    scale = torch.cdist(z, z).pow(2).sum() / max(n * (n - 1), 1)
     soft = torch.softmax(-d2 / scale.clamp_min(1e-12), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
     within = (z - (sums / counts.clamp_min(1).unsqueeze(-1))[y]).pow(2).sum()
     total = (z - z.mean(0)).pow(2).sum()
