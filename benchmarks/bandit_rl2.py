@@ -30,9 +30,11 @@ from pathlib import Path
 
 import torch
 
+from lightning_meta.algorithms import RL2
 from lightning_meta.algorithms.base import mean_and_ci95
 from lightning_meta.callbacks import CPUTimeBudget
 from lightning_meta.cli import run_cli
+from lightning_meta.data import RLTaskDataModule
 from lightning_meta.data.rl import TaskSpecStream
 from lightning_meta.data.sampler import TEST, VAL
 from lightning_meta.envs import BernoulliBandit
@@ -54,6 +56,21 @@ def tune_ucb1(family: BernoulliBandit, tasks: int, seed: int) -> float:
     spec = TaskSpecStream(family, seed, VAL)[tuple(range(tasks))]
     scores = {c: B.ucb1(family, spec.tasks, spec.noise, c=c).mean().item() for c in UCB_CONSTANTS}
     return max(scores, key=scores.get)
+
+
+def per_task_returns(model: RL2, data: RLTaskDataModule) -> dict[str, list[float]]:
+    """Each test task's trial return for RL² (`rl2`) and every baseline, on the same tasks and noise
+    as `trainer.test` (the stream is seeded, so their means are its metrics): for paired differences,
+    in which the task-to-task spread (how good the best arm is) cancels."""
+    model.eval()
+    rows: dict[str, list[float]] = {}
+    for batch in data.test_dataloader():
+        stats = model.eval_stats(batch)
+        columns = {"rl2": stats["return"]}
+        columns.update({k.removeprefix("baseline/"): v for k, v in stats.items() if k.startswith("baseline/")})
+        for name, values in columns.items():
+            rows.setdefault(name, []).extend(float(v) for v in values)
+    return rows
 
 
 def main() -> None:
@@ -101,13 +118,16 @@ def main() -> None:
     model, data = cli.model, cli.datamodule
     rollouts, steps = cli.trainer.fit_loop.total_batch_idx + 1, cli.trainer.global_step
 
+    per_task = per_task_returns(model, data)
     rows = [("RL² (this run)", metrics["test/return"], metrics["test/return_ci95"])]
     names = [k.split("/")[-1] for k in metrics if k.startswith("test/baseline/") and not k.endswith("_ci95")]
     rows += [(name, metrics[f"test/baseline/{name}"], metrics[f"test/baseline/{name}_ci95"]) for name in names]
     if isinstance(model.family, BernoulliBandit):
         c = tune_ucb1(model.family, 1000, data.eval_seed)
         test = TaskSpecStream(model.family, data.eval_seed, TEST)[tuple(range(data.test_tasks))]
-        mean, ci = mean_and_ci95(B.ucb1(model.family, test.tasks, test.noise, c=c))
+        tuned = B.ucb1(model.family, test.tasks, test.noise, c=c)
+        per_task["ucb1_tuned"] = tuned.tolist()
+        mean, ci = mean_and_ci95(tuned)
         rows.append((f"ucb1 (c = {c} tuned on 1000 val tasks)", mean.item(), ci.item()))
     key = (args.family, args.pulls if args.family == "bandit" else 10)
     paper = PAPER.get(key, {})
@@ -129,6 +149,18 @@ def main() -> None:
         if name not in ("RL²", *names):
             lines.append(f"| {name} (not run here) | | {value} |")
     lines += ["", f"RL² first episode {metrics['test/return_first']:.2f}, last {metrics['test/return_last']:.2f}"]
+    rl2 = torch.tensor(per_task["rl2"])
+    lines += [
+        "",
+        "Paired on the same test tasks and noise (RL² − method, per-task trial returns, mean ± 95% CI):",
+        "",
+        "| difference | trial return |",
+        "|---|---|",
+    ]
+    for name, values in per_task.items():
+        if name != "rl2":
+            mean, ci = mean_and_ci95(rl2 - torch.tensor(values))
+            lines.append(f"| RL² − {name} | {mean.item():+.2f} ± {ci.item():.2f} |")
     print("\n" + "\n".join(lines))
     suffix = f"_n{args.pulls}" if args.family == "bandit" else ""
     default = REPO / "benchmarks" / "results" / f"rl2_{args.family}{suffix}"
@@ -148,6 +180,7 @@ def main() -> None:
         "optimizer_steps": steps,
         "rows": [{"method": name, "mean": mean, "ci95": ci} for name, mean, ci in rows],
         "paper": paper,
+        "per_task": per_task,
         "command": " ".join(["python benchmarks/bandit_rl2.py", *sys.argv[1:]]),
     }
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,15 +1,17 @@
-"""MAML-RL on 2D navigation or HalfCheetah-Vel (Finn et al. 2017 §5.3, Fig. 5) on a CPU budget.
+"""MAML-RL on 2D navigation, HalfCheetah-Vel/Dir or Ant-Dir (Finn et al. 2017 §5.3, Fig. 5) on a CPU budget.
 
 Meta-trains MAMLRL through the real CLI (configs/<family>/maml_rl.yaml) for a CPU-time budget,
 then scores it on the config's 40 held-out tasks (the test stream): the mean episode return
 before and after one VPG step on the config's trajectories of each task, ± 95% CI, beside the
 family's baselines on the same tasks (2D navigation: standing still and the oracle, the largest
-allowed move towards the known goal; HalfCheetah-Vel: zero and uniformly random actions). For
+allowed move towards the known goal; MuJoCo families: zero and uniformly random actions). For
 2D navigation, draws the trajectories before and after adaptation for a few goals.
 
     OMP_NUM_THREADS=1 python benchmarks/nav2d_maml_rl.py --minutes 12
     OMP_NUM_THREADS=1 python benchmarks/nav2d_maml_rl.py --minutes 12 --outer optimizer --tag adam
     OMP_NUM_THREADS=1 python benchmarks/nav2d_maml_rl.py --family cheetah_vel --minutes 30 -- \
+        --data.init_args.tasks_per_batch=10 --model.init_args.trajectories=10
+    OMP_NUM_THREADS=1 python benchmarks/nav2d_maml_rl.py --family cheetah_dir --minutes 40 -- \
         --data.init_args.tasks_per_batch=10 --model.init_args.trajectories=10
 
 Options after `--` go to the CLI (reduced settings; the md and json record them). Writes
@@ -132,7 +134,12 @@ def paired_rows(per_task: dict[str, list[float]]) -> list[tuple[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("nav2d", "cheetah_vel"), default="nav2d", help="configs/<family>/")
+    parser.add_argument(
+        "--family",
+        choices=("nav2d", "cheetah_vel", "cheetah_dir", "ant_dir"),
+        default="nav2d",
+        help="configs/<family>/",
+    )
     parser.add_argument("--minutes", type=float, default=12.0, help="meta-training budget in CPU minutes")
     parser.add_argument("--wall-minutes", type=float, default=45.0, help="wall-clock backstop")
     parser.add_argument("--max-steps", type=int, default=500)

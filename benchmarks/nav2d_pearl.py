@@ -1,15 +1,16 @@
-"""PEARL on 2D navigation, HalfCheetah-Vel or HalfCheetah-Dir, reduced budget: return before and after adaptation.
+"""PEARL on 2D navigation, HalfCheetah-Vel/Dir or Ant-Dir, reduced budget: return before and after adaptation.
 
 Meta-trains PEARL through the real CLI (configs/<family>/pearl.yaml) for a CPU-time budget, then
 rolls out the config's 40 fixed seeded test tasks (held out: the test stream, disjoint from the
 pool of training tasks) for 3 episodes each: episode 1 with z ~ N(0, I) (before adaptation),
 episode 2 with z ~ q(z | episode 1), episode 3 with z ~ q(z | episodes 1-2). Beside it, on the
 same tasks, the family's baselines per episode (2D navigation: standing still and the
-straight-to-goal oracle; HalfCheetah-Vel/Dir: zero and uniformly random actions).
+straight-to-goal oracle; MuJoCo families: zero and uniformly random actions).
 
     OMP_NUM_THREADS=1 python benchmarks/nav2d_pearl.py --minutes 15
     OMP_NUM_THREADS=1 python benchmarks/nav2d_pearl.py --family cheetah_vel --minutes 30
     OMP_NUM_THREADS=1 python benchmarks/nav2d_pearl.py --family cheetah_dir --minutes 20
+    OMP_NUM_THREADS=1 python benchmarks/nav2d_pearl.py --family ant_dir --minutes 25
 
 The budget is CPU time of this process (the machine is shared, so a wall-clock budget would
 measure the other jobs as much as this one), with a wall-clock backstop (`--wall-minutes`).
@@ -66,7 +67,10 @@ def fmt(values: torch.Tensor) -> tuple[str, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--family", choices=("nav2d", "cheetah_vel", "cheetah_dir"), default="nav2d", help="configs/<family>/"
+        "--family",
+        choices=("nav2d", "cheetah_vel", "cheetah_dir", "ant_dir"),
+        default="nav2d",
+        help="configs/<family>/",
     )
     parser.add_argument("--minutes", type=float, default=15.0, help="meta-training budget, CPU minutes of this process")
     parser.add_argument("--wall-minutes", type=float, default=35.0, help="wall-clock backstop")

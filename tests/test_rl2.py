@@ -293,3 +293,23 @@ def test_baselines_of_a_fixed_evaluation_batch_are_computed_once_and_unchanged(m
             assert torch.equal(a[key], b[key]), key
             assert torch.equal(a[key], original(family)[key.removeprefix("baseline/")](first.tasks, first.noise))
     assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("baseline/"))
+
+
+def test_per_task_eval_stats_average_to_the_logged_test_metrics(tmp_path):
+    """`eval_stats` is what benchmarks pair across methods: its per-task values over the test
+    stream must average to exactly what `trainer.test` logs (same tasks, same noise)."""
+    family = BernoulliBandit(arms=3, pulls=6)
+    pl.seed_everything(0)
+    data = RLTaskDataModule(family, tasks_per_batch=4, val_tasks=6, test_tasks=10, eval_tasks_per_batch=4)
+    model = RL2(family, hidden_size=8)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, data)
+    logged = trainer.test(model, data, verbose=False)[0]
+    batches = [model.eval_stats(batch) for batch in data.test_dataloader()]
+    for key in ("return", "return_first", "baseline/thompson", "baseline/random"):
+        values = torch.cat([b[key] for b in batches])
+        assert values.shape == (10,), key
+        assert values.mean().item() == pytest.approx(logged[f"test/{key}"], abs=1e-5), key
+    assert not torch.equal(
+        torch.cat([b["return"] for b in batches]), torch.cat([b["baseline/random"] for b in batches])
+    )

@@ -84,6 +84,13 @@ class MetaRLLearner(pl.LightningModule):
 
     def _eval_step(self, batch: TaskSpecBatch, stage: str = "evaluation") -> None:
         refuse_inference_mode(self, stage)
+        self._eval_outputs.append(self.eval_stats(batch))
+
+    def eval_stats(self, batch: TaskSpecBatch) -> dict[str, Tensor]:
+        """Each task's evaluation statistics on `batch`, `{name: [tasks]}`: what validation and
+        test average into `{stage}/<name>` ± 95% CI (`return`, `return_before`, `return_first`,
+        `return_last`, `baseline/<name>` on the same tasks and noise). Per task, so that two
+        methods scored on the same seeded tasks can be compared by paired differences."""
         with contextlib.nullcontext() if self.adapts_with_gradients else torch.no_grad():
             episodes = self.episode_returns(batch).detach().float()
         with torch.no_grad():
@@ -95,7 +102,7 @@ class MetaRLLearner(pl.LightningModule):
             }
             for name, values in self._baselines(batch).items():
                 stats[f"baseline/{name}"] = values.to(episodes.device)
-        self._eval_outputs.append(stats)
+        return stats
 
     def _baselines(self, batch: TaskSpecBatch) -> dict[str, Tensor]:
         """The family's baselines on the batch's tasks and noise. Evaluation tasks are fixed, so
