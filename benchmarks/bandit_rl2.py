@@ -62,14 +62,9 @@ def per_task_returns(model: RL2, data: RLTaskDataModule) -> dict[str, list[float
     """Each test task's trial return for RL² (`rl2`) and every baseline, on the same tasks and noise
     as `trainer.test` (the stream is seeded, so their means are its metrics): for paired differences,
     in which the task-to-task spread (how good the best arm is) cancels."""
-    model.eval()
-    rows: dict[str, list[float]] = {}
-    for batch in data.test_dataloader():
-        stats = model.eval_stats(batch)
-        columns = {"rl2": stats["return"]}
-        columns.update({k.removeprefix("baseline/"): v for k, v in stats.items() if k.startswith("baseline/")})
-        for name, values in columns.items():
-            rows.setdefault(name, []).extend(float(v) for v in values)
+    stats = model.eval_stats_over(data.test_dataloader())
+    rows = {"rl2": stats["return"].tolist()}
+    rows.update({k.removeprefix("baseline/"): v.tolist() for k, v in stats.items() if k.startswith("baseline/")})
     return rows
 
 

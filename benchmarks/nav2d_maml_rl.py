@@ -116,13 +116,9 @@ def per_task_returns(model: MAMLRL, data: RLTaskDataModule) -> dict[str, list[fl
     """Each test task's mean episode return before and after the VPG step and of each baseline, on
     the same tasks and noise as `trainer.test` (the stream is seeded, so the means equal its metrics),
     for paired differences: the baselines' task-to-task spread (e.g. the target velocity) cancels."""
-    model.eval()
-    rows: dict[str, list[float]] = {}
-    for batch in data.test_dataloader():
-        episodes = model.episode_returns(batch).detach()
-        columns = {"before": episodes[:, 0], "after": episodes[:, 1], **model._baselines(batch)}
-        for name, values in columns.items():
-            rows.setdefault(name, []).extend(float(v) for v in values)
+    stats = model.eval_stats_over(data.test_dataloader())
+    rows = {"before": stats["return_before"].tolist(), "after": stats["return"].tolist()}
+    rows.update({k.removeprefix("baseline/"): v.tolist() for k, v in stats.items() if k.startswith("baseline/")})
     return rows
 
 

@@ -305,11 +305,8 @@ def test_per_task_eval_stats_average_to_the_logged_test_metrics(tmp_path):
     trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(model, data)
     logged = trainer.test(model, data, verbose=False)[0]
-    batches = [model.eval_stats(batch) for batch in data.test_dataloader()]
+    stats = model.eval_stats_over(data.test_dataloader())
     for key in ("return", "return_first", "baseline/thompson", "baseline/random"):
-        values = torch.cat([b[key] for b in batches])
-        assert values.shape == (10,), key
-        assert values.mean().item() == pytest.approx(logged[f"test/{key}"], abs=1e-5), key
-    assert not torch.equal(
-        torch.cat([b["return"] for b in batches]), torch.cat([b["baseline/random"] for b in batches])
-    )
+        assert stats[key].shape == (10,), key
+        assert stats[key].mean().item() == pytest.approx(logged[f"test/{key}"], abs=1e-5), key
+    assert not torch.equal(stats["return"], stats["baseline/random"])

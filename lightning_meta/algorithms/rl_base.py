@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
+from collections.abc import Iterable
 
 import pytorch_lightning as pl
 import torch
@@ -103,6 +104,12 @@ class MetaRLLearner(pl.LightningModule):
             for name, values in self._baselines(batch).items():
                 stats[f"baseline/{name}"] = values.to(episodes.device)
         return stats
+
+    def eval_stats_over(self, batches: Iterable[TaskSpecBatch]) -> dict[str, Tensor]:
+        """`eval_stats` of every batch (e.g. a test dataloader), concatenated per name, in eval mode."""
+        self.eval()
+        stats = [self.eval_stats(batch) for batch in batches]
+        return {key: torch.cat([s[key] for s in stats]) for key in stats[0]}
 
     def _baselines(self, batch: TaskSpecBatch) -> dict[str, Tensor]:
         """The family's baselines on the batch's tasks and noise. Evaluation tasks are fixed, so
