@@ -10,6 +10,7 @@ sets `LOCAL_RANK`, so it starts no new processes)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -207,8 +208,15 @@ def main() -> None:
         parser.error("--half runs in the single process only")
     torch.set_num_threads(1)
     out_dir = Path(args.out_dir)
+    # Test hook for the relaunch in `tests.helpers.launch_ddp_cases`: "<case>:<marker file>" aborts
+    # the process at that case once (the marker records that it did).
+    abort_case, _, marker = os.environ.get("DDP_GRADIENTS_ABORT_ONCE", "").partition(":")
     for case in cases:
         tasks, build = CASES[case]
+        if case == abort_case and not Path(marker).exists():
+            print(f"case {case}: aborting once (DDP_GRADIENTS_ABORT_ONCE)", flush=True)
+            Path(marker).touch()
+            os.abort()
         runs = [(tasks // args.devices, out_dir / f"{case}.pt")]
         runs += [(tasks // 2, out_dir / f"{case}.half.pt")] if args.half else []
         for tasks_per_batch, out in runs:

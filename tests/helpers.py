@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -132,10 +133,31 @@ def clean_env() -> dict[str, str]:
 
 def launch_ddp_cases(cases: list[str], devices: int, out_dir: Path, half: bool = False) -> None:
     """Run `tests/ddp_gradients.py` on `devices` gloo processes for every case in `cases` (one
-    training step each, gradients and a validation saved under `out_dir`); fail with its output."""
+    training step each, gradients and a validation saved under `out_dir`); fail with its output.
+
+    A launch that *crashes* (killed by a signal, e.g. SIGABRT from "terminate called without an
+    active exception", which killed the 2-process launch once in a fresh-clone run of the suite,
+    during case cavia, and did not recur on rerun) is relaunched once for the case it was running and those after it:
+    the cases are seeded one by one, so what they save does not depend on the launch, and the
+    parity checks run on it unchanged. The crash is reported as a warning, with its output. A
+    launch that exits with an error (a failing case, a bad argument) is never retried."""
     out_dir.mkdir(parents=True, exist_ok=True)
     script = Path(__file__).with_name("ddp_gradients.py")
-    command = [sys.executable, str(script), "--cases", ",".join(cases), "--devices", str(devices)]
-    command += ["--out-dir", str(out_dir)] + (["--half"] if half else [])
-    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    pending = list(cases)
+    for attempt in (1, 2):
+        command = [sys.executable, str(script), "--cases", ",".join(pending), "--devices", str(devices)]
+        command += ["--out-dir", str(out_dir)] + (["--half"] if half else [])
+        result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=900)
+        output = result.stdout[-4000:] + result.stderr[-4000:]
+        if result.returncode == 0:
+            return
+        started = [line.split(":")[0].removeprefix("case ") for line in result.stdout.splitlines()]
+        started = [c for c in started if c in pending]
+        crashed = result.returncode < 0 or "terminate called" in result.stderr
+        assert attempt == 1 and crashed and started, f"exit status {result.returncode}\n{output}"
+        pending = pending[pending.index(started[-1]) :]
+        warnings.warn(
+            f"the {devices}-process launch crashed (exit status {result.returncode}) in case {started[-1]}; "
+            f"relaunching cases {pending} once. Its output:\n{output}",
+            stacklevel=2,
+        )

@@ -45,3 +45,23 @@ def test_ddp_meta_gradient_equals_single_process_gradient_on_the_union_of_tasks(
         # gathered order differs from the single process's: 1e-7 apart is rounding.
         tolerance = 1e-6 if "acc" in key else 1e-9
         assert abs(ddp_run.ddp["val"][key] - ddp_run.single["val"][key]) < tolerance, key
+
+
+def test_a_crashed_launch_is_relaunched_once_from_the_case_it_was_running(tmp_path, monkeypatch):
+    from tests.helpers import launch_ddp_cases
+
+    marker = tmp_path / "aborted"
+    monkeypatch.setenv("DDP_GRADIENTS_ABORT_ONCE", f"reptile:{marker}")
+    with pytest.warns(
+        UserWarning, match=r"crashed \(exit status -6\) in case reptile; relaunching cases \['reptile'\]"
+    ):
+        launch_ddp_cases(["protonet", "reptile"], 1, tmp_path / "out")
+    assert marker.exists()
+    assert (tmp_path / "out" / "protonet.pt").exists() and (tmp_path / "out" / "reptile.pt").exists()
+
+
+def test_a_launch_that_exits_with_an_error_is_not_relaunched(tmp_path):
+    from tests.helpers import launch_ddp_cases
+
+    with pytest.raises(AssertionError, match=r"exit status 2(.|\n)*unknown cases \['no-such-case'\]"):
+        launch_ddp_cases(["no-such-case"], 1, tmp_path / "out")
