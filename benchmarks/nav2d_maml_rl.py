@@ -63,9 +63,11 @@ class Curve(CPUTimeBudget):
         )
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Not on_validation_epoch_end: Lightning calls the callbacks' epoch-end hook before the
+        # module's, which logs the metrics, so it would read the previous validation's.
         m = trainer.callback_metrics
-        if "val/return" in m:
+        if not trainer.sanity_checking and "val/return" in m:
             self.val.append(
                 {
                     "step": trainer.global_step,

@@ -45,9 +45,11 @@ class CPUBudget(CPUTimeBudget):
         super().__init__(cpu_seconds)
         self.val: list[dict[str, float]] = []
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Not on_validation_epoch_end: Lightning calls the callbacks' epoch-end hook before the
+        # module's, which logs the metrics, so it would read the previous validation's.
         m = trainer.callback_metrics
-        if "val/return_first" in m:
+        if not trainer.sanity_checking and "val/return_first" in m:
             self.val.append(
                 {
                     "gradient_steps": trainer.global_step // len(pl_module.optimizers()),
