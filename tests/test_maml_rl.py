@@ -204,6 +204,45 @@ def test_kl_hessian_vector_product_through_the_inner_step_equals_finite_differen
     assert hv.norm() > 1e-3
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
+def test_kl_hvp_as_j_f_j_equals_the_hessian_vector_product_through_the_inner_step(first_order):
+    """`MAMLRL.kl_hvp` (Σ J F J v) against differentiating the KL's gradient through the inner
+    step (third order), in float64: equal, because ∂KL/∂θ' vanishes where new = old."""
+    model = small(first_order=first_order)
+    pre, post, old = fixed_data(model)
+    theta = named_params(model.policy)
+    params = list(theta.values())
+    kl = model.surrogate(model.adapt_all(theta, pre, first_order), post, old)[1]
+    kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl, params, create_graph=True)])
+    hvp = model.kl_hvp(theta, model.adapt_tasks(theta, pre, first_order), post, old)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        v = torch.randn(kl_grad.numel(), generator=g, dtype=torch.float64)
+        reference = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl_grad @ v, params, retain_graph=True)])
+        torch.testing.assert_close(hvp(v), reference, rtol=1e-9, atol=1e-12)
+        assert reference.norm() > 1e-3
+    if not first_order:  # the inner step's curvature is in it: the Fisher at θ' alone differs
+        leaf = {n: t.detach().requires_grad_() for n, t in model.adapt_all(theta, pre, False).items()}
+        kl_at = model.surrogate(leaf, post, old)[1]
+        fisher_grad = torch.autograd.grad(kl_at, list(leaf.values()), create_graph=True)
+        v = torch.randn(kl_grad.numel(), generator=g, dtype=torch.float64)
+        # F v summed over tasks (each task's block of the stacked θ' gets the same v).
+        fv = torch.autograd.grad(
+            fisher_grad,
+            list(leaf.values()),
+            grad_outputs=[
+                x.view(1, *p.shape).expand_as(leaf[n])
+                for n, p, x in zip(theta, params, split_like(v, params), strict=True)
+            ],
+        )
+        fv = torch.cat([x.sum(0).reshape(-1) for x in fv])
+        assert (hvp(v) - fv).norm() > 1e-3 * fv.norm()
+
+
+def split_like(flat, like):
+    return [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in like]), like, strict=True)]
+
+
 # ---- rollouts, noise, contract ----------------------------------------------------------------
 
 

@@ -6,9 +6,10 @@ roll out `trajectories` episodes with θ, fit the linear feature baseline, take 
 the shared functional inner loop (`inner_loop.adapt`, second order unless `first_order`) to θ'_i,
 roll out `trajectories` more episodes with θ'_i, and score θ'_i on them with the importance-
 weighted surrogate. The outer step is TRPO as in the paper (max KL 0.01, conjugate gradient with
-Hessian-vector products of the KL *through the inner step*, backtracking line search that
-re-adapts from each candidate θ on the same pre-update trajectories), or a step of an ordinary
-optimizer on the same surrogate (`outer="optimizer"`, Adam by default): cheaper, not the paper's.
+Hessian-vector products of the KL *through the inner step*, computed as Σ Jᵀ F J by `kl_hvp`,
+backtracking line search that re-adapts from each candidate θ on the same pre-update
+trajectories), or a step of an ordinary optimizer on the same surrogate (`outer="optimizer"`,
+Adam by default): cheaper, not the paper's.
 
 DDP: each rank adapts its own tasks; the outer gradient, every Hessian-vector product and the
 line search's losses and KLs are averaged over ranks (`torch.distributed.all_reduce`), so every
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -258,10 +260,13 @@ class MAMLRL(MetaRLLearner):
         """Task `i`'s one VPG step from `params` on its pre-update trajectories: θ'_i."""
         return adapt(lambda p: self.inner_loss(p, pre, i), params, 1, self.inner_lr, first_order)[-1]
 
+    def adapt_tasks(self, params: Params, pre: Trajectories, first_order: bool) -> list[Params]:
+        """One VPG step per task from `params` on its pre-update trajectories: θ'_i for each task."""
+        return [self.adapt_task(params, pre, i, first_order) for i in range(pre.obs.shape[0])]
+
     def adapt_all(self, params: Params, pre: Trajectories, first_order: bool) -> Params:
         """One VPG step per task from `params` on its pre-update trajectories: stacked θ'_i `[tasks, ...]`."""
-        adapted = [self.adapt_task(params, pre, i, first_order) for i in range(pre.obs.shape[0])]
-        return {name: torch.stack([a[name] for a in adapted]) for name in params}
+        return stack_tasks(self.adapt_tasks(params, pre, first_order))
 
     def surrogate(self, adapted: Params, post: Trajectories, old: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """This rank's mean over tasks of the importance-weighted surrogate loss and of KL(old ‖ adapted)."""
@@ -272,15 +277,55 @@ class MAMLRL(MetaRLLearner):
         return loss, kl
 
     def meta_batch(self, batch: TaskSpecBatch) -> tuple[Params, Trajectories, Trajectories, Params]:
-        """Roll out, adapt (graph kept unless first order), roll out again: (θ, pre, post, θ')."""
+        """Roll out, adapt (graph kept unless first order), roll out again: (θ, pre, post, θ' stacked)."""
+        theta, pre, post, per_task = self.meta_batch_tasks(batch)
+        return theta, pre, post, stack_tasks(per_task)
+
+    def meta_batch_tasks(self, batch: TaskSpecBatch) -> tuple[Params, Trajectories, Trajectories, list[Params]]:
+        """`meta_batch` with θ'_i kept per task (each its own graph to θ: what `kl_hvp` needs)."""
         noise = self.action_noise(batch)
         theta = named_params(self.policy)
         n = len(batch)
         shared = {name: p.detach().expand(n, *p.shape) for name, p in theta.items()}
         pre = self.with_advantages(self.rollout(shared, batch, noise[:, 0]))
-        adapted = self.adapt_all(theta, pre, self.first_order or not self.training)
-        post = self.with_advantages(self.rollout({k: v.detach() for k, v in adapted.items()}, batch, noise[:, 1]))
-        return theta, pre, post, adapted
+        per_task = self.adapt_tasks(theta, pre, self.first_order or not self.training)
+        detached = {k: v.detach() for k, v in stack_tasks(per_task).items()}
+        post = self.with_advantages(self.rollout(detached, batch, noise[:, 1]))
+        return theta, pre, post, per_task
+
+    def kl_hvp(
+        self, theta: Params, per_task: list[Params], post: Trajectories, old: tuple[Tensor, Tensor]
+    ) -> Callable[[Tensor], Tensor]:
+        """v ↦ H v, H the Hessian at θ of the mean KL(old ‖ π_θ'(θ)) over this rank's tasks (then
+        averaged over ranks): TRPO's metric, taken through the inner step, computed as Σ Jᵀ F J.
+
+        With θ'_i = θ − α∇L_i(θ), ∇²_θ KL = Σ_i J_iᵀ F_i J_i + Σ_i Σ_k (∂KL/∂θ'_ik) ∇²_θ θ'_ik, where
+        J_i = ∂θ'_i/∂θ = I − α∇²L_i(θ) (symmetric) and F_i is the KL's Hessian in θ'_i. At θ the
+        new policy is the old one, so ∂KL/∂θ' = 0 there and the second sum vanishes: H v =
+        Σ_i J_i F_i J_i v exactly. Per product: a backward pass per task through its inner step's
+        (second-order) graph for J_i v, a Fisher-vector product on the post-update data, and one
+        backward through all tasks' inner steps for J_i(F_i J_i v); differentiating the KL's gradient
+        through the inner step instead needs third-order derivatives of the inner loss
+        (benchmarks/maml_rl_hvp_cost.py measures both; tests/test_maml_rl.py checks them equal)."""
+        params, names = list(theta.values()), list(theta)
+        stacked = stack_tasks(per_task)
+        leaf = {name: value.detach().requires_grad_() for name, value in stacked.items()}
+        mean, log_std = self.distribution(leaf, post.obs)
+        kl = gaussian_kl(*old, mean, log_std).mean()
+        kl_grad = torch.autograd.grad(kl, list(leaf.values()), create_graph=True)
+
+        def hvp(v: Tensor) -> Tensor:
+            pieces = split(v, params)
+            jv = [
+                torch.autograd.grad([a[name] for name in names], params, grad_outputs=pieces, retain_graph=True)
+                for a in per_task
+            ]
+            u = [torch.stack([j[k] for j in jv]) for k in range(len(names))]
+            fu = torch.autograd.grad(kl_grad, list(leaf.values()), grad_outputs=u, retain_graph=True)
+            hv = torch.autograd.grad([stacked[name] for name in names], params, grad_outputs=fu, retain_graph=True)
+            return average_over_ranks(torch.cat([h.reshape(-1) for h in hv]))
+
+        return hvp
 
     def episode_returns(self, batch: TaskSpecBatch) -> Tensor:
         """Mean episode return per task before and after one inner step, `[tasks, 2]`."""
@@ -292,19 +337,16 @@ class MAMLRL(MetaRLLearner):
 
     def training_step(self, batch: TaskSpecBatch, batch_idx: int) -> None:
         optimizer = self.optimizers()
-        theta, pre, post, adapted = self.meta_batch(batch)
+        theta, pre, post, per_task = self.meta_batch_tasks(batch)
+        adapted = stack_tasks(per_task)
         old = tuple(t.detach() for t in self.distribution({k: v.detach() for k, v in adapted.items()}, post.obs))
-        loss, kl = self.surrogate(adapted, post, old)
+        loss, _ = self.surrogate(adapted, post, old)
         params = list(theta.values())
         grads = torch.autograd.grad(loss, params, retain_graph=self.outer == "trpo")
         grad = average_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
         stats: dict[str, float] = {}
         if self.outer == "trpo":
-            kl_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
-
-            def hvp(v: Tensor) -> Tensor:
-                hv = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
-                return average_over_ranks(torch.cat([h.reshape(-1) for h in hv]))
+            hvp = self.kl_hvp(theta, per_task, post, old)
 
             def evaluate(step: Tensor) -> tuple[float, float]:
                 moved = zip(theta.items(), split(step, params), strict=True)
@@ -346,6 +388,11 @@ class MAMLRL(MetaRLLearner):
         if self.outer == "trpo":
             return torch.optim.SGD(self.parameters(), lr=1.0)
         return super().configure_optimizers()
+
+
+def stack_tasks(per_task: list[Params]) -> Params:
+    """Per-task parameters stacked by name: `[tasks, ...]` each."""
+    return {name: torch.stack([p[name] for p in per_task]) for name in per_task[0]}
 
 
 def split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
