@@ -387,3 +387,74 @@ def test_a_one_step_pearl_fit_through_the_cli_with_the_config_is_scored_by_the_p
     model.eval()
     result = score(PEARLAgent(model, 2), test_envs(ENV, 2, horizon=4), num_evals=1, adaptation_episodes=1)
     assert 0.0 <= result["success_rate"] <= 1.0 and np.isfinite(result["return"])
+
+
+class _StandInML1:
+    """A vector env as Meta-World's evaluation sees ML1's (every environment the same task name):
+    environment i reaches its goal at step 3 of every episode if `reachable[i]`, else never (its
+    episodes are truncated at the horizon); the episode's return is its length."""
+
+    def __init__(self, reachable: list[bool], horizon: int = 20) -> None:
+        self.reachable, self.horizon, self.num_envs = np.array(reachable), horizon, len(reachable)
+        self.terminate_on_success = False
+
+    def get_attr(self, name: str) -> list:
+        values = {"task_name": "SawyerReachEnvV3", "terminate_on_success": self.terminate_on_success}
+        return [values[name]] * self.num_envs
+
+    def call(self, name: str, *args) -> None:
+        if name == "toggle_terminate_on_success":
+            self.terminate_on_success = args[0]
+
+    def reset(self):
+        self.t = np.zeros(self.num_envs, dtype=int)
+        return np.zeros((self.num_envs, 39)), {}
+
+    def step(self, actions):
+        self.t += 1
+        success = self.reachable & (self.t == 3)
+        terminated = success & self.terminate_on_success
+        truncated = (self.t >= self.horizon) & ~terminated
+        done = terminated | truncated
+        info = {"final_info": {"success": success.astype(float), "episode": {"r": self.t.astype(float)}}}
+        self.t[done] = 0
+        return np.zeros((self.num_envs, 39)), np.zeros(self.num_envs), terminated, truncated, info
+
+
+class _StillAgent:
+    """Meta-World's `MetaLearningAgent` protocol with zero actions and no random draws."""
+
+    def init(self) -> None: ...
+
+    def adapt_action(self, observations):
+        return np.zeros((observations.shape[0], 4)), {}
+
+    def step(self, timestep) -> None: ...
+
+    def adapt(self) -> None: ...
+
+    def eval_action(self, observations):
+        return np.zeros((observations.shape[0], 4))
+
+    def reset(self, env_mask) -> None: ...
+
+
+@needs_metaworld
+@pytest.mark.parametrize("reached", [0, 1, 3, 10])
+def test_score_counts_every_goal_where_metaworlds_evaluation_counts_the_first_episodes_to_end(reached):
+    """On ML1 every environment has the same task name, and Meta-World's `evaluation` scores the
+    first `evaluation_episodes` episodes to end across all of them: the quickest successes. One
+    goal of ten reached scores 1.0 there; `score`'s `success_rate` is per goal (0.1), and its
+    `metaworld_success_rate` / `metaworld_return` reproduce Meta-World's numbers on the same episodes."""
+    from metaworld.evaluation import metalearning_evaluation
+
+    from lightning_meta.algorithms.metaworld_eval import score
+
+    reachable = [i < reached for i in range(10)]
+    protocol = {"num_evals": 2, "adaptation_steps": 1, "adaptation_episodes": 2, "evaluation_episodes": 3}
+    theirs, their_return, _ = metalearning_evaluation(_StillAgent(), _StandInML1(reachable), **protocol)
+    ours = score(_StillAgent(), _StandInML1(reachable), **protocol)
+    assert theirs == (1.0 if reached else 0.0)  # Meta-World's number: any early success fills its 3 episodes
+    assert ours["success_rate"] == pytest.approx(reached / 10)  # per goal: what was reached
+    assert ours["return"] == pytest.approx((3 * reached + 20 * (10 - reached)) / 10)
+    assert ours["metaworld_success_rate"] == theirs and ours["metaworld_return"] == pytest.approx(their_return)

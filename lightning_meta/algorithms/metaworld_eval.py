@@ -12,6 +12,22 @@ environments; `test_envs` builds those with the episode length and the number of
 arguments, and Gymnasium's vector autoreset mode set explicitly to same-step (what
 `evaluation` reads: `infos["final_info"]` on the step an episode ends).
 
+What Meta-World's `evaluation` (3.1.1) counts: `evaluation_episodes` episodes *per task name*,
+the first to end, and every environment of ML1 has the same task name (e.g. `reach-v3`). So on
+ML1 it scores the first 3 episodes to end across all the environments (the goals), and as
+episodes end on success, the first to end are the quickest successes: one goal reached early
+in a round scores that round 1.0 whatever the other goals do (tests/test_metaworld.py shows it
+on a stand-in vector env: 1 goal of 10 reachable, success rate 1.0). `score` therefore runs the
+same protocol (the adaptation loop is `metalearning_evaluation`'s) with an evaluation that keeps
+every environment's first `evaluation_episodes` episodes, and reports both: `success_rate` and
+`return` per goal (each environment's own episodes, averaged over environments, then rounds),
+and `metaworld_success_rate` and `metaworld_return`, Meta-World's statistic on the same
+episodes (the first `evaluation_episodes` to end per task name, in its order: by step, then
+environment index). The evaluation runs until every environment has its episodes, longer than
+Meta-World's stops, so an agent's own random draws after the first round differ from a run of
+`metalearning_evaluation` itself; with one round, or an agent without random draws, Meta-World's
+numbers are reproduced exactly (tested).
+
 `MAMLRLAgent` puts a trained `MAMLRL` behind Meta-World's `MetaLearningAgent` protocol:
 `init()` restarts every environment at the meta-learned θ; `adapt_action` samples the Gaussian
 policy (the exploration the inner step was trained on); `step` records the transitions;
@@ -95,14 +111,76 @@ def score(
     adaptation_episodes: int = 10,
     evaluation_episodes: int = 3,
 ) -> dict[str, float]:
-    """`metaworld.evaluation.metalearning_evaluation` (its defaults): mean success rate and return."""
+    """Meta-World's meta-RL protocol (`metalearning_evaluation`, its defaults), scored per goal and
+    as Meta-World scores it (see the module docstring): `success_rate`, `return` (each
+    environment's first `evaluation_episodes` episodes, the mean over environments, then rounds)
+    and `metaworld_success_rate`, `metaworld_return` (Meta-World's first-to-end per task name)."""
     require_metaworld("Meta-World's evaluation")
-    from metaworld.evaluation import metalearning_evaluation
+    envs.call("toggle_sample_tasks_on_reset", False)
+    envs.call("toggle_terminate_on_success", False)
+    totals = np.zeros(4)
+    for _ in range(num_evals):
+        envs.call("sample_tasks")
+        agent.init()
+        for _ in range(adaptation_steps):  # `metalearning_evaluation`'s adaptation loop
+            obs, _ = envs.reset()
+            episodes_elapsed = np.zeros((envs.num_envs,), dtype=np.uint16)
+            while not (episodes_elapsed >= adaptation_episodes).all():
+                actions, aux_policy_outs = agent.adapt_action(obs)
+                next_obs, rewards, terminations, truncations, _ = envs.step(actions)
+                agent.step(_timestep(obs, actions, rewards, terminations, truncations, aux_policy_outs))
+                episodes_elapsed += np.logical_or(terminations, truncations)
+                obs = next_obs
+            agent.adapt()
+        totals += _evaluation(agent, envs, evaluation_episodes)
+    success, mean_return, mw_success, mw_return = totals / num_evals
+    return {
+        "success_rate": float(success),
+        "return": float(mean_return),
+        "metaworld_success_rate": float(mw_success),
+        "metaworld_return": float(mw_return),
+    }
 
-    success, mean_return, _ = metalearning_evaluation(
-        agent, envs, num_evals, adaptation_steps, adaptation_episodes, evaluation_episodes
+
+def _timestep(*fields: Any) -> Any:
+    from metaworld.evaluation import Timestep
+
+    return Timestep(*fields)
+
+
+def _evaluation(agent: Any, envs: Any, episodes: int) -> np.ndarray:
+    """`metaworld.evaluation.evaluation`, run until every environment has `episodes` episodes:
+    (per-goal success rate, per-goal mean return, Meta-World's success rate, Meta-World's return)."""
+    terminate_on_success = np.all(envs.get_attr("terminate_on_success")).item()
+    envs.call("toggle_terminate_on_success", True)
+    obs, _ = envs.reset()
+    agent.reset(np.ones(envs.num_envs, dtype=np.bool_))
+    names = envs.get_attr("task_name")
+    ended: list[tuple[int, float, float]] = []  # (environment, success, return), in Meta-World's order
+    counts = np.zeros(envs.num_envs, dtype=int)
+    while (counts < episodes).any():
+        actions = agent.eval_action(obs)
+        obs, _, terminations, truncations, infos = envs.step(actions)
+        dones = np.logical_or(terminations, truncations)
+        agent.reset(dones)
+        for i in np.flatnonzero(dones):
+            final = infos["final_info"]
+            ended.append((int(i), float(final["success"][i]), float(final["episode"]["r"][i])))
+            counts[i] += 1
+    envs.call("toggle_terminate_on_success", terminate_on_success)
+    per_env = [[(s, r) for j, s, r in ended if j == i][:episodes] for i in range(envs.num_envs)]
+    per_name: dict[str, list[tuple[float, float]]] = {}
+    for j, s, r in ended:
+        per_name.setdefault(names[j], []).append((s, r))
+    first = [sr[:episodes] for sr in per_name.values()]
+    return np.array(
+        [
+            np.mean([np.mean([s for s, _ in e]) for e in per_env]),
+            np.mean([np.mean([r for _, r in e]) for e in per_env]),
+            np.mean([sum(s for s, _ in f) / episodes for f in first]),
+            np.mean([[r for _, r in f] for f in first]),
+        ]
     )
-    return {"success_rate": float(success), "return": float(mean_return)}
 
 
 class MAMLRLAgent:
