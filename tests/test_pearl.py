@@ -254,6 +254,19 @@ def test_evaluation_uses_the_prior_first_and_then_all_earlier_context():
     torch.testing.assert_close(returns, model.episode_returns(specs(family, 4)))  # seeded by task index
 
 
+def test_evaluation_baselines_are_on_the_per_episode_scale_of_the_return():
+    """PEARL's `return` is one episode's (the last), so its baselines are per episode too: standing
+    still scores the same per episode whatever the trial's length, not 3 episodes' worth."""
+    from lightning_meta.envs.baselines import stand_still
+
+    family, single = Navigation2D(horizon=5, episodes=3), Navigation2D(horizon=5, episodes=1)
+    torch.manual_seed(0)
+    batch = specs(family, 4)
+    stats = PEARL(family, **TINY).eval_stats(batch)
+    assert stats["return"].shape == stats["baseline/stand_still"].shape == (4,)
+    torch.testing.assert_close(stats["baseline/stand_still"], stand_still(single, batch.tasks, {}))
+
+
 def test_a_discrete_family_is_refused():
     with pytest.raises(ValueError, match=r"continuous actions: BernoulliBandit"):
         PEARL(BernoulliBandit(3, 4))

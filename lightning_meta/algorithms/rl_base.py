@@ -17,9 +17,11 @@ return for RL², whose trial is the adaptation; the last episode's, after adapta
 algorithm that sets `reports_last_episode`, e.g. MAML-RL's post-update episode),
 `{stage}/return_first` and `{stage}/return_last` (the first and last episode's return), and the
 family's baselines (`lightning_meta.envs.baselines`) on the same tasks and noise as
-`{stage}/baseline/<name>` (trial returns: per episode where the family has one episode per
-trial). An algorithm that adapts by gradient steps at evaluation (`adapts_with_gradients`)
-runs `episode_returns` with gradients enabled and needs `Trainer(inference_mode=False)`.
+`{stage}/baseline/<name>`, on `{stage}/return`'s scale: trial returns, or, for an algorithm that
+sets `reports_last_episode`, the trial return divided by the episodes per trial (the mean episode
+return), so that PEARL's per-episode `return` is not set beside 3-episode totals. An algorithm
+that adapts by gradient steps at evaluation (`adapts_with_gradients`) runs `episode_returns` with
+gradients enabled and needs `Trainer(inference_mode=False)`.
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ class MetaRLLearner(pl.LightningModule):
     def eval_stats(self, batch: TaskSpecBatch) -> dict[str, Tensor]:
         """Each task's evaluation statistics on `batch`, `{name: [tasks]}`: what validation and
         test average into `{stage}/<name>` ± 95% CI (`return`, `return_before`, `return_first`,
-        `return_last`, `baseline/<name>` on the same tasks and noise). Per task, so that two
-        methods scored on the same seeded tasks can be compared by paired differences."""
+        `return_last`, `baseline/<name>` on the same tasks and noise and on `return`'s scale). Per
+        task, so that two methods scored on the same seeded tasks can be compared by paired differences."""
         with contextlib.nullcontext() if self.adapts_with_gradients else torch.no_grad():
             episodes = self.episode_returns(batch).detach().float()
         with torch.no_grad():
@@ -101,8 +103,10 @@ class MetaRLLearner(pl.LightningModule):
                 "return_first": episodes[:, 0],
                 "return_last": episodes[:, -1],
             }
+            # On `return`'s scale: a per-episode `return` beside per-episode baselines.
+            per = self.family.episodes if self.reports_last_episode else 1
             for name, values in self._baselines(batch).items():
-                stats[f"baseline/{name}"] = values.to(episodes.device)
+                stats[f"baseline/{name}"] = values.to(episodes.device) / per
         return stats
 
     def eval_stats_over(self, batches: Iterable[TaskSpecBatch]) -> dict[str, Tensor]:
