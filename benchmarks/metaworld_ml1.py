@@ -2,9 +2,11 @@
 
 Meta-trains MAMLRL (`--algorithm maml_rl`, the default) or PEARL (`--algorithm pearl`) through the
 real CLI (configs/metaworld_ml1/<algorithm>.yaml, sizes reduced by the flags below) for a CPU-time
-budget on ML1's training goals, then scores it with `metaworld.evaluation.metalearning_evaluation`
-on ML1's held-out test goals (Meta-World's own test-split vector env,
-`lightning_meta.algorithms.metaworld_eval`): the success rate after adaptation on
+budget on ML1's training goals, then scores it by Meta-World's meta-RL protocol (the adaptation
+loop of `metaworld.evaluation.metalearning_evaluation`) on ML1's held-out test goals (Meta-World's
+own test-split vector env, `lightning_meta.algorithms.metaworld_eval.score`), per goal and by
+Meta-World's own statistic (which on ML1 counts the quickest successes: see `score`): the success
+rate after adaptation on
 `--adaptation-episodes` episodes per goal (MAML-RL: the learner's VPG step on sampled episodes;
 PEARL: the mean of q(z | the (s, a, r) context of those episodes)), before it (the same protocol
 with 0 adaptation steps: the meta-policy's mean action; PEARL: z = 0, the prior's mean), the same
@@ -230,7 +232,7 @@ def main() -> None:
     steps_per_iteration = args.tasks_per_batch * 2 * args.trajectories * args.horizon
     full_steps = 20 * 2 * 10 * 500
     lines = [
-        f"{name} on Meta-World ML1 `{args.env}`, scored by `metaworld.evaluation.metalearning_evaluation` on "
+        f"{name} on Meta-World ML1 `{args.env}`, scored by Meta-World's meta-RL protocol (`metaworld_eval.score`) on "
         f"ML1's held-out test goals: {args.num_evals} round(s) × {args.eval_envs} environments, "
         f"{args.adaptation_episodes} adaptation episodes, {args.evaluation_episodes} evaluation episodes "
         f"(ending on success), episodes of {args.horizon} steps",
