@@ -34,7 +34,6 @@ from lightning_meta.algorithms import RL2
 from lightning_meta.algorithms.base import mean_and_ci95
 from lightning_meta.callbacks import CPUTimeBudget
 from lightning_meta.cli import run_cli
-from lightning_meta.data import RLTaskDataModule
 from lightning_meta.data.rl import TaskSpecStream
 from lightning_meta.data.sampler import TEST, VAL
 from lightning_meta.envs import BernoulliBandit
@@ -58,11 +57,11 @@ def tune_ucb1(family: BernoulliBandit, tasks: int, seed: int) -> float:
     return max(scores, key=scores.get)
 
 
-def per_task_returns(model: RL2, data: RLTaskDataModule) -> dict[str, list[float]]:
-    """Each test task's trial return for RL² (`rl2`) and every baseline, on the same tasks and noise
-    as `trainer.test` (the stream is seeded, so their means are its metrics): for paired differences,
-    in which the task-to-task spread (how good the best arm is) cancels."""
-    stats = model.eval_stats_over(data.test_dataloader())
+def per_task_returns(model: RL2) -> dict[str, list[float]]:
+    """Each test task's trial return for RL² (`rl2`) and every baseline from the `trainer.test` just
+    run (`eval_per_task`: what its metrics average), for paired differences, in which the
+    task-to-task spread (how good the best arm is) cancels."""
+    stats = model.eval_per_task
     rows = {"rl2": stats["return"].tolist()}
     rows.update({k.removeprefix("baseline/"): v.tolist() for k, v in stats.items() if k.startswith("baseline/")})
     return rows
@@ -113,7 +112,7 @@ def main() -> None:
     model, data = cli.model, cli.datamodule
     rollouts, steps = cli.trainer.fit_loop.total_batch_idx + 1, cli.trainer.global_step
 
-    per_task = per_task_returns(model, data)
+    per_task = per_task_returns(model)
     rows = [("RL² (this run)", metrics["test/return"], metrics["test/return_ci95"])]
     names = [k.split("/")[-1] for k in metrics if k.startswith("test/baseline/") and not k.endswith("_ci95")]
     rows += [(name, metrics[f"test/baseline/{name}"], metrics[f"test/baseline/{name}_ci95"]) for name in names]

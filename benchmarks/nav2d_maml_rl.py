@@ -31,7 +31,6 @@ import torch
 from lightning_meta.algorithms import MAMLRL, mean_and_ci95
 from lightning_meta.callbacks import CPUTimeBudget
 from lightning_meta.cli import run_cli
-from lightning_meta.data import RLTaskDataModule
 from lightning_meta.data.rl import TaskSpecStream
 from lightning_meta.data.sampler import TEST
 from lightning_meta.envs.baselines import LABELS
@@ -114,11 +113,11 @@ def plot_trajectories(model: MAMLRL, path: Path, goals: int = 4, shown: int = 5)
     fig.savefig(path, dpi=110)
 
 
-def per_task_returns(model: MAMLRL, data: RLTaskDataModule) -> dict[str, list[float]]:
-    """Each test task's mean episode return before and after the VPG step and of each baseline, on
-    the same tasks and noise as `trainer.test` (the stream is seeded, so the means equal its metrics),
-    for paired differences: the baselines' task-to-task spread (e.g. the target velocity) cancels."""
-    stats = model.eval_stats_over(data.test_dataloader())
+def per_task_returns(model: MAMLRL) -> dict[str, list[float]]:
+    """Each test task's mean episode return before and after the VPG step and of each baseline from
+    the `trainer.test` just run (`eval_per_task`: what its metrics average), for paired
+    differences: the baselines' task-to-task spread (e.g. the target velocity) cancels."""
+    stats = model.eval_per_task
     rows = {"before": stats["return_before"].tolist(), "after": stats["return"].tolist()}
     rows.update({k.removeprefix("baseline/"): v.tolist() for k, v in stats.items() if k.startswith("baseline/")})
     return rows
@@ -176,7 +175,7 @@ def main() -> None:
     train_seconds, train_cpu = time.perf_counter() - start, curve.cpu_used()
     (metrics,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     model: MAMLRL = cli.model
-    per_task = per_task_returns(model, cli.datamodule)
+    per_task = per_task_returns(model)
     iterations = model.global_step
 
     def cell(key: str) -> str:

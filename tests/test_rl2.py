@@ -295,9 +295,10 @@ def test_baselines_of_a_fixed_evaluation_batch_are_computed_once_and_unchanged(m
     assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("baseline/"))
 
 
-def test_per_task_eval_stats_average_to_the_logged_test_metrics(tmp_path):
-    """`eval_stats` is what benchmarks pair across methods: its per-task values over the test
-    stream must average to exactly what `trainer.test` logs (same tasks, same noise)."""
+def test_the_tests_per_task_values_are_kept_in_task_order_and_average_to_its_metrics(tmp_path):
+    """`eval_per_task` is what benchmarks pair across methods: after `trainer.test` it holds each
+    test task's values in the stream's order (equal to `eval_stats` of the test batches rolled out
+    again) and averages to exactly what the test logged (same tasks, same noise)."""
     family = BernoulliBandit(arms=3, pulls=6)
     pl.seed_everything(0)
     data = RLTaskDataModule(family, tasks_per_batch=4, val_tasks=6, test_tasks=10, eval_tasks_per_batch=4)
@@ -305,8 +306,10 @@ def test_per_task_eval_stats_average_to_the_logged_test_metrics(tmp_path):
     trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(model, data)
     logged = trainer.test(model, data, verbose=False)[0]
-    stats = model.eval_stats_over(data.test_dataloader())
+    stats = model.eval_per_task
+    again = [model.eval_stats(batch) for batch in data.test_dataloader()]
     for key in ("return", "return_first", "baseline/thompson", "baseline/random"):
         assert stats[key].shape == (10,), key
+        torch.testing.assert_close(stats[key], torch.cat([b[key] for b in again]), msg=key)
         assert stats[key].mean().item() == pytest.approx(logged[f"test/{key}"], abs=1e-5), key
     assert not torch.equal(stats["return"], stats["baseline/random"])

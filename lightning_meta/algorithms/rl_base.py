@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
-from collections.abc import Iterable
 
 import pytorch_lightning as pl
 import torch
@@ -71,6 +70,7 @@ class MetaRLLearner(pl.LightningModule):
         self.lr_scheduler = lr_scheduler
         self._eval_outputs: list[dict[str, Tensor]] = []
         self._baseline_cache: dict[tuple, dict[str, Tensor]] = {}  # see `_baselines`
+        self.eval_per_task: dict[str, Tensor] = {}  # the last validation's or test's `eval_stats`, all tasks
 
     @abstractmethod
     def episode_returns(self, batch: TaskSpecBatch) -> Tensor:
@@ -109,12 +109,6 @@ class MetaRLLearner(pl.LightningModule):
                 stats[f"baseline/{name}"] = values.to(episodes.device) / per
         return stats
 
-    def eval_stats_over(self, batches: Iterable[TaskSpecBatch]) -> dict[str, Tensor]:
-        """`eval_stats` of every batch (e.g. a test dataloader), concatenated per name, in eval mode."""
-        self.eval()
-        stats = [self.eval_stats(batch) for batch in batches]
-        return {key: torch.cat([s[key] for s in stats]) for key in stats[0]}
-
     def _baselines(self, batch: TaskSpecBatch) -> dict[str, Tensor]:
         """The family's baselines on the batch's tasks and noise. Evaluation tasks are fixed, so
         each batch's baselines are computed once and kept (keyed by the tasks' and noise's
@@ -143,8 +137,10 @@ class MetaRLLearner(pl.LightningModule):
         outputs, self._eval_outputs = self._eval_outputs, []
         if not outputs:
             return
-        for key in outputs[0]:
-            values = gather_per_task(self, torch.cat([o[key] for o in outputs]))
+        # Kept per task (every rank's, in task order) for paired comparisons of methods scored on
+        # the same seeded tasks, e.g. by benchmarks after `trainer.test`, without rolling out again.
+        self.eval_per_task = {key: gather_per_task(self, torch.cat([o[key] for o in outputs])) for key in outputs[0]}
+        for key, values in self.eval_per_task.items():
             mean, ci95 = mean_and_ci95(values)
             self.log(f"{stage}/{key}", mean, prog_bar=key == "return")
             self.log(f"{stage}/{key}_ci95", ci95)
