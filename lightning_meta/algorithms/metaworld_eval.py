@@ -116,6 +116,8 @@ def score(
     environment's first `evaluation_episodes` episodes, the mean over environments, then rounds)
     and `metaworld_success_rate`, `metaworld_return` (Meta-World's first-to-end per task name)."""
     require_metaworld("Meta-World's evaluation")
+    from metaworld.evaluation import Timestep
+
     envs.call("toggle_sample_tasks_on_reset", False)
     envs.call("toggle_terminate_on_success", False)
     totals = np.zeros(4)
@@ -128,7 +130,7 @@ def score(
             while not (episodes_elapsed >= adaptation_episodes).all():
                 actions, aux_policy_outs = agent.adapt_action(obs)
                 next_obs, rewards, terminations, truncations, _ = envs.step(actions)
-                agent.step(_timestep(obs, actions, rewards, terminations, truncations, aux_policy_outs))
+                agent.step(Timestep(obs, actions, rewards, terminations, truncations, aux_policy_outs))
                 episodes_elapsed += np.logical_or(terminations, truncations)
                 obs = next_obs
             agent.adapt()
@@ -140,12 +142,6 @@ def score(
         "metaworld_success_rate": float(mw_success),
         "metaworld_return": float(mw_return),
     }
-
-
-def _timestep(*fields: Any) -> Any:
-    from metaworld.evaluation import Timestep
-
-    return Timestep(*fields)
 
 
 def _evaluation(agent: Any, envs: Any, episodes: int) -> np.ndarray:
